@@ -1,0 +1,127 @@
+"""Δ-based token decimation (DeciMamba, arXiv 2406.14528 §4): pure functions, no parameters.
+
+Symbols: L  tokens at this layer's input;  resp_len  protected tail (the response / last prompt
+token, never dropped: the model must still see what it answers from);  L_dec = L − resp_len
+candidates;  s  position of this layer in ``decimating_layers``;  β  geometric shrink per
+decimating layer;  L_base  token budget at the first decimating layer;  min_seq_len  floor.
+
+A candidate's score is the L2 norm over channels of Δ = softplus(dt + dt_bias); the
+k = int(max(min(L_dec, L_base·β^s), min_seq_len)) highest-scoring candidates are kept (never more
+than L_dec, which the original did not guard: bug B11), sorted back into sequence order, and the
+response tail is appended. This one function decides the kept set for every scan path.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+DECIMATION_TYPES = ("max_p",)
+
+
+@dataclass
+class DecimationConfig:
+    """Decimation settings shared by every mixer of a model (the original's dict, typed).
+
+    activate: master switch; False is exact vanilla Mamba.
+    record_debug_params: record A, B, C, Δ and the kept indices of every layer per forward.
+    type: selection rule; only "max_p" (largest ‖Δ‖₂) exists.
+    beta: β in (0, 1], budget shrink per successive decimating layer.
+    L_base: budget at the first decimating layer; ``math.inf`` keeps everything.
+    decimating_layers: 0-based layer indices that decimate; order defines s.
+    min_seq_len: lower bound on kept non-response tokens.
+    """
+
+    activate: bool = False
+    record_debug_params: bool = False
+    type: str = "max_p"
+    beta: float = 0.5
+    L_base: float = 2000
+    decimating_layers: list = field(default_factory=list)
+    min_seq_len: int = 20
+
+    def __post_init__(self):
+        problems = []
+        if self.type not in DECIMATION_TYPES:
+            problems.append(f"type={self.type!r} is not valid; choose one of {DECIMATION_TYPES}")
+        if not (isinstance(self.beta, (int, float)) and 0 < self.beta <= 1):
+            problems.append(f"beta={self.beta!r} must be a number in (0, 1]")
+        if self.L_base is None:
+            self.L_base = math.inf
+        if not (isinstance(self.L_base, (int, float)) and self.L_base > 0):
+            problems.append(f"L_base={self.L_base!r} must be a positive number or inf")
+        layers = list(self.decimating_layers or [])
+        if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
+            problems.append(f"decimating_layers={layers!r} must be non-negative integers")
+        elif len(set(layers)) != len(layers):
+            problems.append(f"decimating_layers={layers!r} repeats a layer")
+        self.decimating_layers = layers
+        if not (isinstance(self.min_seq_len, int) and self.min_seq_len >= 0):
+            problems.append(f"min_seq_len={self.min_seq_len!r} must be a non-negative integer")
+        if problems:
+            raise ValueError("invalid decimation config: " + "; ".join(problems))
+
+    @classmethod
+    def from_any(cls, cfg) -> "DecimationConfig":
+        if cfg is None:
+            return cls()
+        if isinstance(cfg, cls):
+            return cfg
+        if isinstance(cfg, dict):
+            unknown = set(cfg) - set(cls.__dataclass_fields__)
+            if unknown:
+                raise ValueError(f"unknown decimation config keys {sorted(unknown)}; valid: {sorted(cls.__dataclass_fields__)}")
+            return cls(**cfg)
+        raise TypeError(f"decimation_config must be a dict or DecimationConfig, got {type(cfg).__name__}")
+
+    def decimates(self, layer_idx: int) -> bool:
+        return self.activate and layer_idx in self.decimating_layers
+
+    def check_layers(self, n_layer: int) -> None:
+        bad = [i for i in self.decimating_layers if i >= n_layer]
+        if bad:
+            raise ValueError(f"decimating_layers {bad} are outside [0, {n_layer}) for this {n_layer}-layer model")
+
+
+def num_kept(l_dec: int, s: int, beta: float, L_base: float, min_seq_len: int) -> int:
+    """Non-response tokens kept by the s-th decimating layer (see module docstring)."""
+    if math.isinf(L_base):
+        return l_dec
+    k = int(max(min(l_dec, L_base * beta**s), min_seq_len))
+    return min(k, l_dec)
+
+
+def token_scores(delta: torch.Tensor) -> torch.Tensor:
+    """(b, d, l) Δ after softplus -> (b, l) fp32 L2 norm over channels."""
+    return torch.linalg.vector_norm(delta.float(), dim=1)
+
+
+def kept_indices(delta: torch.Tensor, resp_len: int, layer_idx: int, cfg: DecimationConfig) -> torch.Tensor | None:
+    """Kept positions (b, k + resp_len), ascending, for a decimating layer; None elsewhere.
+
+    delta: (b, d, l) softplus(dt + dt_bias). Every row keeps the same count (k depends on l only),
+    so a batch is decimated per row with one top-k call.
+    """
+    if not cfg.decimates(layer_idx):
+        return None
+    bsz, _, length = delta.shape
+    resp = min(max(int(resp_len or 0), 0), length)
+    l_dec = length - resp
+    k = num_kept(l_dec, cfg.decimating_layers.index(layer_idx), cfg.beta, cfg.L_base, cfg.min_seq_len)
+    device = delta.device
+    tail = torch.arange(l_dec, length, device=device).expand(bsz, resp)
+    if k == l_dec:
+        head = torch.arange(l_dec, device=device).expand(bsz, l_dec)
+    else:
+        top = torch.topk(token_scores(delta[:, :, :l_dec]), k, dim=1, sorted=False).indices
+        head = torch.sort(top, dim=1).values
+    return torch.cat([head, tail], dim=1)
+
+
+def gather_tokens(x: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
+    """Select positions ``keep`` (b, k) along ``dim`` of a batch-first tensor x."""
+    shape = [1] * x.dim()
+    shape[0], shape[dim] = keep.shape
+    idx = keep.view(shape).expand(*[x.shape[i] if i not in (0, dim) else keep.shape[0 if i == 0 else 1] for i in range(x.dim())])
+    return x.gather(dim, idx)

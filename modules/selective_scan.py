@@ -1,0 +1,183 @@
+"""Selective scan (Mamba-1 SSM): a fast exact pure-PyTorch path beside the CUDA kernel.
+
+Glossary (Gu & Dao 2023, arXiv 2312.00752, Alg. 2):
+    b  batch,  d  channels (d_inner),  l  sequence length,  n  state size (d_state)
+    Δ (delta)  per-token, per-channel step size, (b, d, l), after bias and softplus
+    A  (d, n) negative real diagonal state matrix;  B, C  (b, n, l) input-dependent projections
+    h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t u_t        (ZOH for A, Euler for B, as the kernel)
+    y_t = <C_t, h_t> + D u_t,  optionally gated by SiLU(z)
+
+``selective_scan_ref`` has the signature of mamba-ssm's ``selective_scan_fn`` plus an
+``initial_state``. It is exact in fp32 and fast: the recurrence is evaluated in blocks that bound
+memory; inside a block, a two-level scan (a loop over positions inside chunks, all chunks at
+once, then a loop over chunk carries) needs O(sqrt(l)) Python steps instead of O(l). The
+backward is a hand-written reverse scan that recomputes states block by block (as the CUDA
+kernel does), so training memory stays O(b·d·l) rather than O(b·d·l·n).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from modules import kernels
+
+# Elements of one (b, d, block, n) fp32 tensor per block: about 64 MB, so a block's eight
+# temporaries stay around half a gigabyte whatever the model size.
+_BLOCK_ELEMS = 1 << 24
+
+
+def _linear_scan(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
+    """Inclusive scan h_t = exp(log_a_t) * h_{t-1} + b_t along dim 2 of (B, D, L, N) tensors.
+
+    log_a <= 0 always (Δ >= 0, A < 0), so every exponential here is in (0, 1]: no overflow.
+    Returns h of shape (B, D, L, N) in fp32.
+    """
+    bsz, d, length, n = b.shape
+    t_len = max(1, int(math.ceil(math.sqrt(length))))       # chunk length T
+    n_chunks = -(-length // t_len)
+    pad = n_chunks * t_len - length
+    if pad:
+        log_a = F.pad(log_a, (0, 0, 0, pad))                 # exp(0) = 1, b = 0: inert tail
+        b = F.pad(b, (0, 0, 0, pad))
+    log_a = log_a.view(bsz, d, n_chunks, t_len, n)
+    b = b.view(bsz, d, n_chunks, t_len, n)
+    a = log_a.exp()                                          # (B, D, C, T, N)
+    h = torch.empty_like(b)
+    cur = b[:, :, :, 0]
+    h[:, :, :, 0] = cur
+    for t in range(1, t_len):                                # local scans of all chunks at once
+        cur = torch.addcmul(b[:, :, :, t], a[:, :, :, t], cur)
+        h[:, :, :, t] = cur
+    decay = torch.cumsum(log_a, dim=3).exp_()                # (B, D, C, T, N) decay since chunk start
+    carry = torch.empty(bsz, d, n_chunks, n, dtype=b.dtype, device=b.device)
+    carry[:, :, 0] = 0 if h0 is None else h0
+    for c in range(1, n_chunks):                             # state entering each chunk
+        carry[:, :, c] = torch.addcmul(h[:, :, c - 1, -1], decay[:, :, c - 1, -1], carry[:, :, c - 1])
+    h.addcmul_(decay, carry.unsqueeze(3))
+    return h.view(bsz, d, n_chunks * t_len, n)[:, :, :length]
+
+
+def _block_len(bsz: int, d: int, n: int) -> int:
+    return max(64, _BLOCK_ELEMS // max(1, bsz * d * n))
+
+
+class _ScanFn(torch.autograd.Function):
+    """y_t = <C_t, h_t> with h from the recurrence above; returns (y, h_last). Inputs fp32."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, h0):
+        bsz, d, length = u.shape
+        n = A.shape[1]
+        blk = _block_len(bsz, d, n)
+        y = torch.empty_like(u)
+        h_in = torch.zeros(bsz, d, n, dtype=u.dtype, device=u.device) if h0 is None else h0
+        starts = list(range(0, length, blk))
+        entry_states = []
+        for s in starts:
+            e = min(s + blk, length)
+            log_a = delta[:, :, s:e, None] * A[None, :, None, :]                       # (b, d, l', n)
+            bu = (delta[:, :, s:e] * u[:, :, s:e]).unsqueeze(-1) * B[:, None, :, s:e].transpose(2, 3)
+            h = _linear_scan(log_a, bu, h_in)                                          # (b, d, l', n)
+            y[:, :, s:e] = torch.einsum("bdln,bnl->bdl", h, C[:, :, s:e])
+            entry_states.append(h_in)
+            h_in = h[:, :, -1]
+        ctx.save_for_backward(u, delta, A, B, C, torch.stack(entry_states))
+        ctx.starts, ctx.blk, ctx.has_h0 = starts, blk, h0 is not None
+        return y, h_in.clone()
+
+    @staticmethod
+    def backward(ctx, gy, gh_last):
+        u, delta, A, B, C, entry_states = ctx.saved_tensors
+        length = u.shape[2]
+        gu, gdelta = torch.empty_like(u), torch.empty_like(delta)
+        gA, gB, gC = torch.zeros_like(A), torch.empty_like(B), torch.empty_like(C)
+        gy = gy.to(u.dtype) if gy is not None else torch.zeros_like(u)
+        carry = gh_last if gh_last is not None else torch.zeros_like(entry_states[0])
+        for i in reversed(range(len(ctx.starts))):
+            s = ctx.starts[i]
+            e = min(s + ctx.blk, length)
+            d_blk, u_blk, B_t = delta[:, :, s:e], u[:, :, s:e], B[:, :, s:e].transpose(1, 2)  # B_t (b, l', n)
+            log_a = d_blk[..., None] * A[None, :, None, :]
+            bu = (d_blk * u_blk).unsqueeze(-1) * B_t[:, None]
+            h = _linear_scan(log_a, bu, entry_states[i])                              # recompute states
+            gy_blk = gy[:, :, s:e]
+            c = gy_blk.unsqueeze(-1) * C[:, None, :, s:e].transpose(2, 3)             # dL/dh_t, direct
+            # G_t = c_t + a_{t+1} G_{t+1}: a reverse scan; the last position takes the carry.
+            log_a_next = F.pad(log_a[:, :, 1:], (0, 0, 0, 1))
+            G = _linear_scan(log_a_next.flip(2), c.flip(2), carry).flip(2)
+            h_prev = torch.cat([entry_states[i].unsqueeze(2), h[:, :, :-1]], dim=2)
+            g_log_a = G * h_prev * log_a.exp()                                         # dL/d(Δ A)
+            gC[:, :, s:e] = torch.einsum("bdln,bdl->bnl", h, gy_blk)
+            GB = torch.einsum("bdln,bln->bdl", G, B_t)
+            gu[:, :, s:e] = GB * d_blk
+            gdelta[:, :, s:e] = GB * u_blk + torch.einsum("bdln,dn->bdl", g_log_a, A)
+            gB[:, :, s:e] = torch.einsum("bdln,bdl->bnl", G, d_blk * u_blk)
+            gA += torch.einsum("bdln,bdl->dn", g_log_a, d_blk)
+            carry = log_a[:, :, 0].exp() * G[:, :, 0]                                  # a_s G_s
+        return gu, gdelta, gA, gB, gC, (carry if ctx.has_h0 else None)
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False, initial_state=None):
+    """Pure-PyTorch selective scan, same signature as mamba-ssm's ``selective_scan_fn``.
+
+    u, delta: (b, d, l); A: (d, n); B, C: (b, n, l); D: (d,); z: (b, d, l); delta_bias: (d,);
+    initial_state: (b, d, n) or None. Returns out (b, d, l) in u's dtype, and the final state
+    (b, d, n, fp32) if ``return_last_state``. The state is always carried in fp32.
+    """
+    dtype_in = u.dtype
+    f = torch.promote_types(dtype_in, torch.float32)   # fp32 compute (fp64 stays fp64 for gradcheck)
+    u, delta = u.to(f), delta.to(f)
+    if delta_bias is not None:
+        delta = delta + delta_bias[..., None].to(f)
+    if delta_softplus:
+        delta = F.softplus(delta)
+    h0 = None if initial_state is None else initial_state.to(f)
+    y, last = _ScanFn.apply(u, delta, A.to(f), B.to(f), C.to(f), h0)
+    if D is not None:
+        y = y + u * D.to(f)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(f))
+    out = y.to(dtype_in)
+    return (out, last) if return_last_state else out
+
+
+def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                              return_last_state=False, initial_state=None):
+    """Test oracle only: the same scan as a per-token loop (slow, O(l) Python steps)."""
+    dtype_in = u.dtype
+    f = torch.promote_types(dtype_in, torch.float32)
+    u, delta = u.to(f), delta.to(f)
+    if delta_bias is not None:
+        delta = delta + delta_bias[..., None].to(f)
+    if delta_softplus:
+        delta = F.softplus(delta)
+    bsz, d, length = u.shape
+    h = torch.zeros(bsz, d, A.shape[1], device=u.device, dtype=f) if initial_state is None else initial_state.to(f)
+    dA = torch.exp(delta.unsqueeze(-1) * A.to(f)[:, None, :])             # (b, d, l, n)
+    dBu = (delta * u).unsqueeze(-1) * B.to(f).transpose(1, 2).unsqueeze(1)
+    ys = []
+    for t in range(length):
+        h = dA[:, :, t] * h + dBu[:, :, t]
+        ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t].to(f)))
+    y = torch.stack(ys, dim=2)
+    if D is not None:
+        y = y + u * D.to(f)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(f))
+    out = y.to(dtype_in)
+    return (out, h) if return_last_state else out
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, initial_state=None, backend="auto"):
+    """Dispatcher: mamba-ssm's CUDA kernel when allowed and possible, else ``selective_scan_ref``.
+
+    The Mamba-1 kernel takes no initial state, so a call with one always runs the torch path.
+    """
+    if initial_state is None and kernels.use_kernels(backend, u):
+        return kernels.selective_scan_fn(
+            u, delta, A, B.contiguous(), C.contiguous(), D, z, delta_bias, delta_softplus, return_last_state)
+    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
