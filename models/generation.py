@@ -27,7 +27,7 @@ def sample_next(logits, top_k=1, top_p=0.0, temperature=1.0, generator=None):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate(model, input_ids, max_length, top_k=1, top_p=0.0, temperature=1.0, eos_token_id=None,
              generator=None):
     """input_ids (b, l) -> (b, <= max_length) token ids, prompt included."""

@@ -1,0 +1,89 @@
+"""Small models and an independent per-token oracle of the (decimated) forward, for tests."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from models import DecimatingMambaModel, MambaConfig, MambaLMHeadModel
+from modules.decimation import num_kept
+
+
+def tiny_config(**kw) -> MambaConfig:
+    base = dict(d_model=32, n_layer=4, vocab_size=61, ssm_cfg={"d_state": 8}, pad_vocab_size_multiple=8)
+    base.update(kw)
+    return MambaConfig(**base)
+
+
+def randomize(model, seed=0):
+    """Make every parameter non-trivial (fresh models have D = 1, zero biases)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(torch.log(torch.rand(p.shape, generator=g) * 4 + 0.5))
+            elif name.endswith(("norm.weight", "norm_f.weight")):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith("dt_proj.bias"):
+                p.copy_(torch.randn(p.shape, generator=g) - 2)
+            else:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def make_pair(cfg=None, deci=None, seed=0):
+    cfg = cfg or tiny_config()
+    v = randomize(MambaLMHeadModel(cfg), seed)
+    d = DecimatingMambaModel(cfg, decimation_config=deci)
+    d.load_state_dict(v.state_dict())
+    return v, d
+
+
+def oracle_logits(model, ids, resp_len, deci):
+    """Independent re-derivation of the DeciMamba forward (batch 1, per-token loops), from the
+    reference spec §2.1-2.5, sharing no code with modules/ beyond parameter access."""
+    assert ids.shape[0] == 1
+    bb = model.backbone
+    hidden = bb.embedding.weight[ids[0]]                                    # (l, d)
+    residual = None
+    kept_all = []
+    for i, layer in enumerate(bb.layers):
+        residual = hidden if residual is None else hidden + residual
+        h = _norm(layer.norm, residual)
+        mx = layer.mixer
+        xz = h @ mx.in_proj.weight.t()                                      # (l, 2e)
+        x, z = xz.chunk(2, dim=-1)
+        L = x.shape[0]
+        w = mx.conv1d.weight[:, 0]                                          # (e, k)
+        xp = torch.cat([torch.zeros(w.shape[1] - 1, x.shape[1]), x])
+        u = torch.stack([(xp[t:t + w.shape[1]].t() * w).sum(-1) for t in range(L)]) + mx.conv1d.bias
+        u = F.silu(u)                                                       # (l, e)
+        dbc = u @ mx.x_proj.weight.t()
+        dt, B, C = dbc.split([mx.dt_rank, mx.d_state, mx.d_state], dim=-1)
+        delta = F.softplus(dt @ mx.dt_proj.weight.t() + mx.dt_proj.bias)    # (l, e)
+        keep = torch.arange(L)
+        if deci and deci["activate"] and i in deci["decimating_layers"]:
+            s = deci["decimating_layers"].index(i)
+            l_dec = L - resp_len
+            k = num_kept(l_dec, s, deci["beta"], deci["L_base"], deci["min_seq_len"])
+            score = delta[:l_dec].norm(dim=-1)
+            top = sorted(torch.argsort(score, descending=True)[:k].tolist())
+            keep = torch.tensor(top + list(range(l_dec, L)), dtype=torch.long)
+            kept_all.append((i, keep))
+        u, delta, B, C, z = u[keep], delta[keep], B[keep], C[keep], z[keep]
+        A = -torch.exp(mx.A_log)
+        state = torch.zeros_like(A)
+        ys = []
+        for t in range(len(keep)):
+            state = torch.exp(delta[t][:, None] * A) * state + (delta[t] * u[t])[:, None] * B[t][None]
+            ys.append(state @ C[t] + mx.D * u[t])
+        y = torch.stack(ys) * F.silu(z)
+        hidden = y @ mx.out_proj.weight.t()
+        residual = residual[keep]
+    out = _norm(bb.norm_f, hidden + residual)
+    return (out @ model.lm_head.weight.t())[None], kept_all
+
+
+def _norm(norm, x):
+    if hasattr(norm, "bias") and norm.bias is not None:
+        return F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight

@@ -1,0 +1,81 @@
+"""Decimation rule: count formula, index properties, corners, batching and config checks."""
+import math
+
+import pytest
+import torch
+
+from modules.decimation import DecimationConfig, kept_indices, num_kept
+
+
+@pytest.mark.parametrize("l_dec,s,beta,L_base,min_len,expected", [
+    (2025, 0, 0.5, 2000, 20, 2000),      # passkey training: 25 tokens dropped at layer 12
+    (2025, 1, 0.5, 2000, 20, 1000),
+    (5000, 3, 0.83, 8000, 20, 4574),     # eval 4, layer 15 (reference §1.4)
+    (5000, 8, 0.83, 8000, 20, 1801),     # eval 4, layer 20
+    (500, 0, 0.5, 10, 20, 20),           # min_seq_len floor
+    (15, 0, 0.5, 10, 20, 15),            # never more than exist (original crashed: B11)
+    (100, 0, 0.5, math.inf, 20, 100),    # L_base = inf keeps all
+    (0, 0, 0.5, 2000, 20, 0),
+])
+def test_num_kept_formula(l_dec, s, beta, L_base, min_len, expected):
+    assert num_kept(l_dec, s, beta, L_base, min_len) == expected
+
+
+def _delta(b, l, d=8, seed=0):
+    return torch.nn.functional.softplus(torch.randn(b, d, l, generator=torch.Generator().manual_seed(seed)))
+
+
+def test_kept_indices_properties():
+    cfg = DecimationConfig(activate=True, L_base=40, beta=0.5, decimating_layers=[3, 5], min_seq_len=5)
+    delta = _delta(1, 200)
+    for layer, s in ((3, 0), (5, 1)):
+        keep = kept_indices(delta, 7, layer, cfg)[0]
+        k = int(40 * 0.5**s)
+        assert keep.shape == (k + 7,)
+        assert torch.equal(keep, keep.sort().values) and keep.unique().numel() == keep.numel()
+        assert keep.min() >= 0 and keep.max() == 199
+        assert torch.equal(keep[-7:], torch.arange(193, 200))           # response tail always kept
+        scores = delta[0, :, :193].norm(dim=0)
+        assert torch.equal(keep[:-7], scores.topk(k).indices.sort().values)   # the largest ‖Δ‖ win
+
+
+def test_identity_cases_return_none_or_everything():
+    delta = _delta(1, 50)
+    off = DecimationConfig(activate=False, decimating_layers=[1])
+    assert kept_indices(delta, 1, 1, off) is None
+    on = DecimationConfig(activate=True, decimating_layers=[1], L_base=10)
+    assert kept_indices(delta, 1, 2, on) is None                           # unlisted layer
+    inf = DecimationConfig(activate=True, decimating_layers=[1], L_base=math.inf)
+    assert torch.equal(kept_indices(delta, 1, 1, inf)[0], torch.arange(50))
+    assert torch.equal(kept_indices(delta, 50, 1, on)[0], torch.arange(50))  # all response: L_dec = 0
+
+
+def test_single_token_kept():
+    cfg = DecimationConfig(activate=True, decimating_layers=[0], L_base=1, min_seq_len=0)
+    keep = kept_indices(_delta(1, 30), 0, 0, cfg)
+    assert keep.shape == (1, 1)                                            # original: 0-d crash (B11)
+
+
+def test_batch_rows_equal_one_by_one():
+    cfg = DecimationConfig(activate=True, decimating_layers=[0], L_base=12, min_seq_len=3)
+    delta = _delta(3, 40)
+    batched = kept_indices(delta, 2, 0, cfg)
+    for i in range(3):
+        assert torch.equal(batched[i], kept_indices(delta[i:i + 1], 2, 0, cfg)[0])
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(type="mean"), "type='mean'"), (dict(beta=0.0), "beta=0.0"), (dict(beta=1.5), "beta=1.5"),
+    (dict(L_base=-3), "L_base=-3"), (dict(decimating_layers=[2, 2]), "repeats"),
+    (dict(decimating_layers=[-1]), "non-negative"), (dict(min_seq_len=-1), "min_seq_len=-1"),
+])
+def test_config_rejects_bad_values(kw, needle):
+    with pytest.raises(ValueError, match=needle.replace("[", r"\[")):
+        DecimationConfig(**kw)
+
+
+def test_config_rejects_unknown_keys_and_layers_out_of_range():
+    with pytest.raises(ValueError, match="unknown decimation config keys"):
+        DecimationConfig.from_any({"activate": True, "Lbase": 3})
+    with pytest.raises(ValueError, match=r"outside \[0, 4\)"):
+        DecimationConfig(activate=True, decimating_layers=[4]).check_layers(4)
