@@ -1,0 +1,51 @@
+"""Recording the SSM parameters of a prompt's prefill (record_debug_params, eval 6).
+
+Per example one safetensors file holding, for every layer, A (e, n), B and C (n, l'), Δ (e, l')
+and the kept indices, plus JSON metadata (needle position, lengths). Safe to load anywhere
+(no pickle); modules/hidden_attention.py turns them into attention maps.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+
+def record_prompt_params(model, input_ids, directory: str, name: str, meta: dict) -> str:
+    from safetensors.torch import save_file
+
+    was = model.decimation.record_debug_params
+    model.decimation.record_debug_params = True
+    try:
+        with torch.no_grad():
+            out = model(input_ids, num_last_tokens=1)
+    finally:
+        model.decimation.record_debug_params = was
+    tensors = {}
+    for i, layer in enumerate(out.debug_params):
+        tensors[f"layer{i}.A"] = layer["A"].contiguous()
+        for key in ("B", "C", "delta"):
+            tensors[f"layer{i}.{key}"] = layer[key][0].contiguous()
+        if layer["kept_indices"] is not None:
+            tensors[f"layer{i}.kept_indices"] = layer["kept_indices"][0].contiguous()
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"params_{name}.safetensors")
+    meta = {**meta, "n_layer": len(out.debug_params), "prompt_tokens": int(input_ids.shape[1])}
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata={"meta": json.dumps(meta)})
+    os.replace(tmp, path)
+    return path
+
+
+def load_recorded(path: str) -> tuple[list[dict], dict]:
+    """-> ([{A, B, C, delta, kept_indices?} per layer], metadata)."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+        layers = [{} for _ in range(meta["n_layer"])]
+        for key in f.keys():
+            i, name = key.split(".", 1)
+            layers[int(i[5:])][name] = f.get_tensor(key)
+    return layers, meta

@@ -1,0 +1,1 @@
+"""Run machinery for finetune_ssm.py: results files, checkpoints, logging, optimisation, evaluation."""
