@@ -1,0 +1,73 @@
+"""End to end on the CPU: train -> eval -> resume, eval resume, and a preset eval on a local checkpoint."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import finetune_ssm
+from models import DecimatingMambaModel, MambaConfig
+
+TINY = {"activate_logging": False, "model_device": "cpu", "dataset": "niah_custom", "mamba_arch": "deci",
+        "scratch_model_config": {"d_model": 16, "n_layer": 3, "ssm_cfg": {"d_state": 4}},
+        "eval_steps": 2, "save_steps": 2, "grad_accum_steps": 3, "train_micro_batch_size": 2, "epochs": 1,
+        "niah_train_set_size": 12, "niah_context_len_train": 120, "niah_noise_split_train": "validation",
+        "niah_needle_depths_eval": [0.5], "niah_context_lens_eval": [100, 200], "niah_samples_per_cell": 2,
+        "decimating_layers": [1], "decimation_max_p_L_base": 60, "lr": 1e-3}
+
+
+def _run(tmp_path, name, **over):
+    cfg_path = tmp_path / f"{name}.json"
+    cfg_path.write_text(json.dumps({**TINY, "output_dir": str(tmp_path), **over}))
+    assert finetune_ssm.main(["--config", str(cfg_path), "--run-name", name]) == 0
+    return tmp_path / name
+
+
+def test_train_eval_then_resume_equals_uninterrupted(tmp_path):
+    straight = _run(tmp_path, "straight", max_step=4)
+    first = _run(tmp_path, "resumed", max_step=2)
+    assert finetune_ssm.main(["--resume", str(first), "--set", "max_step=4"]) == 0
+    a = load_file(straight / "epoch_0_step_4" / "model.safetensors")
+    b = load_file(first / "epoch_0_step_4" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    recs = [json.loads(x) for x in open(first / "results.jsonl")]
+    assert sorted({r["step"] for r in recs}) == [0, 2, 4] and all(r["task"] == "niah_custom" for r in recs)
+    for f in ("metrics.json", "train_log.jsonl", "config.json", "plots/niah_custom_step4.png", "best_model/config.json"):
+        assert os.path.exists(first / f), f
+    loaded = DecimatingMambaModel.from_pretrained(str(first / "epoch_0_step_4"))
+    assert loaded.config.n_layer == 3
+
+
+def test_eval_resumes_by_skipping_recorded_cells(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    DecimatingMambaModel(MambaConfig(d_model=16, n_layer=2, vocab_size=50277)).save_pretrained(str(ck))
+    args = ["--eval", "2", "--device", "cpu", "--set", f"load_cp={ck}", "--set", f"output_dir={tmp_path}",
+            "--set", "niah_context_lens_eval=[100,300]", "--set", "niah_needle_depths_eval=[0,1]",
+            "--set", "decimating_layers=[1]", "--set", "decimation_max_p_L_base=50"]
+    assert finetune_ssm.main(args) == 0
+    out = capsys.readouterr().out
+    assert "Validation Set - Initial Result | Score:" in out and "| depth |" in out
+    run = next(p for p in tmp_path.iterdir() if p.name.startswith("eval_deci_ck_niah_custom"))
+    lines = open(run / "results.jsonl").read().splitlines()
+    assert len(lines) == 4
+    assert finetune_ssm.main(args) == 0                                  # second run: nothing recomputed
+    assert open(run / "results.jsonl").read().splitlines() == lines
+    rec = json.loads(lines[0])
+    for key in ("task", "task_version", "checkpoint", "config_hash", "depth", "ctx_len", "score", "seconds"):
+        assert key in rec
+
+
+def test_missing_checkpoint_fails_cleanly(tmp_path, capsys):
+    rc = finetune_ssm.main(["--eval", "2", "--device", "cpu", "--set", f"load_cp={tmp_path}/nothing",
+                            "--set", f"output_dir={tmp_path}"])
+    assert rc == 1 and "neither an existing directory nor a hub id" in capsys.readouterr().err
+
+
+def test_unreachable_hub_model_fails_fast(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    rc = finetune_ssm.main(["--eval", "3", "--device", "cpu", "--set", f"output_dir={tmp_path}",
+                            "--set", f"cache_dir={tmp_path}/cache"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "assafbk/mamba-130m-niah" in err and "local directory" in err
