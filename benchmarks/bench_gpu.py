@@ -1,0 +1,165 @@
+"""GPU benchmarks, side by side in one run on the same random weights (mamba-130m shape by default).
+
+    python benchmarks/bench_gpu.py --out benchmarks/results/gpu_h200 [--lengths 2048 ... 1048576]
+
+Prefill = one forward of a batch-1 prompt to the last token's logits. Rows: our vanilla model and
+our DeciMamba model (decimating layer 12, L_base 2000, as the passkey preset) on the kernel path;
+mamba-ssm's own MambaLMHeadModel when importable; our torch-only path (<= 16K);
+transformers' MambaForCausalLM slow path and its mambapy scan (<= 16K). Tokens/s and peak GPU
+memory, fp32 and bf16. Then a training step (batch 8 x 2K, bf16 autocast). Results are written
+after every row, so a time-out keeps what was measured.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import timeit, write_results  # noqa: E402
+from models import DecimatingMambaModel, MambaConfig, MambaLMHeadModel  # noqa: E402
+from modules.kernels import HAS_KERNELS  # noqa: E402
+
+COLS = ["impl", "dtype", "tokens", "seconds", "tok_per_s", "peak_GB", "ratio_vs_mamba_ssm"]
+
+
+def sync():
+    torch.cuda.synchronize()
+
+
+def measure(fn, reps):
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        t = timeit(fn, repeats=reps, warmup=1, sync=sync)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None, None
+    return t, torch.cuda.max_memory_allocated() / 2**30
+
+
+def build(args):
+    cfg = MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=50277)
+    torch.manual_seed(0)
+    van = MambaLMHeadModel(cfg)
+    deci = DecimatingMambaModel(cfg, decimation_config=dict(activate=True, beta=0.5, L_base=2000,
+                                                            decimating_layers=[args.n_layer // 2], min_seq_len=20))
+    deci.load_state_dict(van.state_dict())
+    impls = {"ours_vanilla": van, "ours_deci": deci}
+    try:
+        from mamba_ssm.models.config_mamba import MambaConfig as MC
+        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel as Ref
+
+        ref = Ref(MC(d_model=args.d_model, n_layer=args.n_layer, vocab_size=50277, tie_embeddings=False))
+        ref.load_state_dict(van.state_dict())
+        impls["mamba_ssm"] = ref
+    except Exception as exc:  # noqa: BLE001
+        print(f"mamba_ssm reference unavailable: {exc}")
+    return impls, cfg
+
+
+def prefill_rows(impls, cfg, args, rows, out):
+    torch_ref = MambaLMHeadModel(cfg)
+    torch_ref.load_state_dict(impls["ours_vanilla"].state_dict())
+    torch_ref.set_backend("torch")
+    for dtype in (torch.bfloat16, torch.float32):
+        dname = str(dtype).split(".")[-1]
+        for length in args.lengths:
+            ids = torch.randint(0, 50277, (1, length), device="cuda")
+            base = None
+            todo = list(impls.items())
+            if length <= 16384:
+                todo.append(("ours_torch_path", torch_ref))
+            for name, model in todo:
+                if time.time() > args.deadline:
+                    return
+                model.to("cuda", dtype).eval()
+                with torch.no_grad():
+                    t, mem = measure(lambda: model(ids, num_last_tokens=1), reps=3 if length <= 131072 else 1)
+                model.to("cpu")
+                torch.cuda.empty_cache()
+                row = {"impl": name, "dtype": dname, "tokens": length, "seconds": t, "peak_GB": mem,
+                       "tok_per_s": None if t is None else round(length / t)}
+                if name == "mamba_ssm":
+                    base = t
+                rows.append(row)
+                print(row, flush=True)
+            for r in rows:
+                if r["tokens"] == length and r["dtype"] == dname and base and r["seconds"]:
+                    r["ratio_vs_mamba_ssm"] = round(base / r["seconds"], 2)
+            write_results(out, rows, COLS, "GPU prefill: tokens/s and peak memory")
+        if length <= 16384:
+            pass
+
+
+def hf_rows(cfg, args, rows, out):
+    from transformers import MambaConfig as HFC, MambaForCausalLM
+
+    hf = MambaForCausalLM(HFC(vocab_size=cfg.padded_vocab_size, hidden_size=cfg.d_model, state_size=16,
+                              num_hidden_layers=cfg.n_layer, expand=2, conv_kernel=4, use_bias=False,
+                              use_conv_bias=True, time_step_rank=math.ceil(cfg.d_model / 16),
+                              tie_word_embeddings=False)).cuda().eval()
+    for mambapy in (False, True):
+        hf.config.use_mambapy = mambapy
+        for layer in hf.backbone.layers:
+            layer.mixer.use_mambapy = mambapy
+        for length in (2048, 16384):
+            if time.time() > args.deadline:
+                return
+            ids = torch.randint(0, 50277, (1, length), device="cuda")
+            with torch.no_grad():
+                t, mem = measure(lambda: hf(ids, logits_to_keep=1), reps=1)
+            rows.append({"impl": "transformers_mambapy" if mambapy else "transformers_slow", "dtype": "float32",
+                         "tokens": length, "seconds": t, "peak_GB": mem, "tok_per_s": None if t is None else round(length / t)})
+            print(rows[-1], flush=True)
+            write_results(out, rows, COLS, "GPU prefill: tokens/s and peak memory")
+
+
+def train_rows(impls, args, rows, out):
+    for name in ("ours_vanilla", "ours_deci", "mamba_ssm"):
+        if name not in impls or time.time() > args.deadline:
+            continue
+        model = impls[name].to("cuda", torch.float32).train()
+        ids = torch.randint(0, 50277, (8, 2048), device="cuda")
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                kw = {"num_last_tokens": 8} if name != "mamba_ssm" else {"num_last_tokens": 8}
+                logits = model(ids, **kw).logits
+            F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, -7:].reshape(-1)).backward()
+        t, mem = measure(step, reps=3)
+        model.zero_grad(set_to_none=True)
+        model.to("cpu")
+        rows.append({"impl": f"train_step_{name}", "dtype": "bf16-autocast", "tokens": 8 * 2048, "seconds": t,
+                     "peak_GB": mem, "tok_per_s": None if t is None else round(8 * 2048 / t)})
+        print(rows[-1], flush=True)
+        write_results(out, rows, COLS, "GPU prefill: tokens/s and peak memory")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 16384, 131072, 1048576])
+    ap.add_argument("--d-model", type=int, default=768)
+    ap.add_argument("--n-layer", type=int, default=24)
+    ap.add_argument("--max-seconds", type=float, default=240)
+    ap.add_argument("--out", default="benchmarks/results/gpu_h200")
+    args = ap.parse_args()
+    args.deadline = time.time() + args.max_seconds
+    print(f"kernels importable: {HAS_KERNELS}")
+    impls, cfg = build(args)
+    rows = []
+    prefill_rows(impls, cfg, args, rows, args.out)
+    train_rows(impls, args, rows, args.out)
+    hf_rows(cfg, args, rows, args.out)
+    write_results(args.out, rows, COLS, "GPU prefill: tokens/s and peak memory",
+                  f"Model: {args.n_layer} layers, d_model {args.d_model} (mamba-130m shape), random weights, batch 1 "
+                  "prefill to the last token's logits; ours_deci decimates at layer n_layer/2 with L_base 2000. "
+                  "ratio_vs_mamba_ssm > 1: faster than mamba-ssm's MambaLMHeadModel in the same run.")
+
+
+if __name__ == "__main__":
+    main()
