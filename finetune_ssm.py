@@ -19,6 +19,7 @@ import math
 import os
 import random
 import sys
+import time
 from collections import defaultdict
 from contextlib import nullcontext
 
@@ -89,6 +90,21 @@ def resolve_config(args):
     return cfg, notes, path
 
 
+def setup_distributed(cfg) -> tuple[int, int]:
+    """Under torchrun (WORLD_SIZE > 1): one process per GPU (NCCL; each on cuda:<LOCAL_RANK>) or,
+    with model_device 'cpu', gloo processes. Returns (rank, world size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    on_cuda = cfg["model_device"].startswith("cuda")
+    if on_cuda:
+        cfg["model_device"] = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    torch.distributed.init_process_group("nccl" if on_cuda else "gloo")
+    return torch.distributed.get_rank(), world
+
+
 def check_device(name: str) -> torch.device:
     dev = torch.device(name)
     if dev.type == "cuda":
@@ -110,7 +126,7 @@ def decimation_config(cfg) -> dict:
 def build_model(cfg, tok, device, weights=None):
     cls = DecimatingMambaModel if cfg["mamba_arch"] == "deci" else MambaLMHeadModel
     deci = decimation_config(cfg)
-    if weights is None and cfg["scratch_model_config"] is not None:
+    if weights is None and cfg["load_cp"] is None and cfg["scratch_model_config"] is not None:
         mc = MambaConfig.from_dict({"vocab_size": tok.vocab_size, **cfg["scratch_model_config"]})
         torch.manual_seed(cfg["seed"])
         model, source = cls(mc, decimation_config=deci, backend=cfg["backend"]), "scratch"
@@ -126,11 +142,10 @@ def build_model(cfg, tok, device, weights=None):
 
 
 # ---------------------------------------------------------------------------- training
-def train_step(model, task, batch, epoch, cfg, device, autocast):
-    """Accumulate gradients of one optimizer step; equal-length chunks share a forward."""
-    deci_chunks = cfg["deci_num_chunks"] if (cfg["mamba_arch"] == "deci" and cfg["dataset"] == "ppl_test") else 1
+def build_chunks(task, batch, epoch, cfg, rank=0, world=1):
+    """This rank's share of one optimizer step's samples, as chunks grouped by equal length."""
     groups, n_kept, lens = defaultdict(list), 0, []
-    for idx in batch:
+    for idx in batch[rank::world]:
         chunks = task.train_item(int(idx), epoch)
         length = len(chunks[-1].input_ids)
         if length > cfg["max_train_input_len"]:
@@ -141,22 +156,52 @@ def train_step(model, task, batch, epoch, cfg, device, autocast):
         lens.append(length)
         for c in chunks:
             groups[(len(c.input_ids), len(c.labels))].append(c)
-    if n_kept == 0:
+    mbs = [(n_lab, items[i:i + cfg["train_micro_batch_size"]]) for (_, n_lab), items in groups.items()
+           for i in range(0, len(items), cfg["train_micro_batch_size"])]
+    return mbs, n_kept, lens
+
+
+def _all_sum(values, device, world):
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if world > 1:
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def train_step(model, built, cfg, device, autocast, world=1):
+    """Accumulate the gradients of one optimizer step (equal-length chunks share a forward).
+
+    The loss is the mean over the step's kept samples (dropped ones do not count, unlike the
+    original, L12); with DDP each rank scales by world size, as DDP averages gradients, and
+    synchronises only on its last backward.
+    """
+    mbs, n_kept, lens = built
+    deci_chunks = cfg["deci_num_chunks"] if (cfg["mamba_arch"] == "deci" and cfg["dataset"] == "ppl_test") else 1
+    kept_all, len_sum = _all_sum([n_kept, sum(lens)], device, world)
+    if kept_all == 0:
         return None
+    scale = world / (kept_all * deci_chunks)
     total = 0.0
-    for (_, n_lab), items in groups.items():
-        for i in range(0, len(items), cfg["train_micro_batch_size"]):
-            mb = items[i:i + cfg["train_micro_batch_size"]]
-            ids = torch.tensor([c.input_ids for c in mb], device=device)
-            labels = torch.tensor([c.labels for c in mb], device=device)
-            with autocast:
-                logits = model(ids, num_last_tokens=n_lab + 1).logits[:, :-1]
-            rows = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                   reduction="none").view(len(mb), n_lab).mean(1)
-            loss = rows.sum() / (n_kept * deci_chunks)
+    if world > 1 and not mbs:          # nothing local: a zero-loss pass keeps DDP's collectives in step
+        mbs = [(0, None)]
+    for i, (n_lab, mb) in enumerate(mbs):
+        sync = world == 1 or i == len(mbs) - 1
+        with (nullcontext() if sync else model.no_sync()):
+            if mb is None:
+                with autocast:
+                    loss = model(torch.zeros(1, 2, dtype=torch.long, device=device), num_last_tokens=1).logits.sum() * 0
+            else:
+                ids = torch.tensor([c.input_ids for c in mb], device=device)
+                labels = torch.tensor([c.labels for c in mb], device=device)
+                with autocast:
+                    logits = model(ids, num_last_tokens=n_lab + 1).logits[:, :-1]
+                rows = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                       reduction="none").view(len(mb), n_lab).mean(1)
+                loss = rows.sum() * scale
             loss.backward()
-            total += loss.item()
-    return {"loss": total, "mean_input_len": float(np.mean(lens)), "kept_samples": n_kept}
+            total += loss.item() / world
+    (total,) = _all_sum([total], device, world)
+    return {"loss": total, "mean_input_len": len_sum / kept_all, "kept_samples": int(kept_all)}
 
 
 def grad_flow(model) -> dict:
@@ -202,12 +247,18 @@ def find_deci_layer(task, model, cfg, run_dir, device):
     cfg["decimating_layers"] = [pick]
 
 
-def train(cfg, model, tok, task, run_dir, device, logger, resume_from=None):
+def train(cfg, model, tok, task, run_dir, device, logger, resume_from=None, rank=0, world=1):
+    """The optimisation loop; with world > 1, ``model`` is DDP-wrapped and only rank 0 evaluates,
+    logs and saves."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    raw = model.module if world > 1 else model
+    main_rank = rank == 0
     bs = cfg["grad_accum_steps"]
     n = task.train_len()
     per_epoch = math.ceil(n / bs)
     total = min(cfg["max_step"], per_epoch * cfg["epochs"])
-    opt = torch.optim.AdamW(param_groups(model, cfg["weight_decay"], cfg["weight_decay_all_params"]), lr=cfg["lr"])
+    opt = torch.optim.AdamW(param_groups(raw, cfg["weight_decay"], cfg["weight_decay_all_params"]), lr=cfg["lr"])
     sched = make_scheduler(opt, cfg["lr_sched_type"], cfg["warmup_steps"], total)
     step, epoch, pos, best = 0, 0, 0, None
     if resume_from:
@@ -221,38 +272,56 @@ def train(cfg, model, tok, task, run_dir, device, logger, resume_from=None):
         pos = cfg["recover_step"]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     model.train()
-    bar = tqdm(total=total, initial=step, desc="train", unit="step")
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not main_rank)
+    t_start, time_up = time.time(), False
+    pool = ThreadPoolExecutor(max_workers=1)           # builds the next step's samples meanwhile
     while step < total and epoch < cfg["epochs"]:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg["seed"] * 7919 + epoch))
         batches = perm.split(bs)
+        nxt = pool.submit(build_chunks, task, batches[pos], epoch, cfg, rank, world) if pos < len(batches) else None
         for bi in range(pos, len(batches)):
             if step >= total:
                 break
+            built = nxt.result()
+            if bi + 1 < len(batches):
+                nxt = pool.submit(build_chunks, task, batches[bi + 1], epoch, cfg, rank, world)
             opt.zero_grad(set_to_none=True)
-            stats = train_step(model, task, batches[bi], epoch, cfg, device, autocast)
+            stats = train_step(model, built, cfg, device, autocast, world)
             if stats is None:                      # every sample dropped: nothing to step on
                 continue
-            if cfg["activate_logging"] and step % cfg["grad_flow_steps"] == 0:
-                stats.update(grad_flow(model))
+            if main_rank and cfg["activate_logging"] and step % cfg["grad_flow_steps"] == 0:
+                stats.update(grad_flow(raw))
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip_grad_max_norm"] if cfg["clip_grad"] else float("inf"))
             opt.step()
             sched.step()
             step += 1
-            stats.update(grad_norm=float(norm), lr=sched.get_last_lr()[0], epoch=epoch)
+            stats.update(grad_norm=float(norm), lr=sched.get_last_lr()[0], epoch=epoch,
+                         wall_s=round(time.time() - t_start, 3))
+            if cfg["max_train_seconds"] is not None:
+                flag = _all_sum([float(time.time() - t_start > cfg["max_train_seconds"])], device, world)[0]
+                time_up = flag > 0
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", gnorm=f"{float(norm):.2f}")
-            if step % cfg["eval_steps"] == 0:
-                stats["score"] = run_eval(task, model, cfg, run_dir, device, f"step_{step}", step,
+            if main_rank and step % cfg["eval_steps"] == 0:
+                stats["score"] = run_eval(task, raw, cfg, run_dir, device, f"step_{step}", step,
                                           f"Epoch {epoch} | Step In Epoch {bi} | Step {step}")
                 if better(task, stats["score"], best):
                     best = stats["score"]
-                    ckpt.save_checkpoint(os.path.join(run_dir, "best_model"), model, tok, cfg)
-            logger.log(stats, step)
-            if step % cfg["save_steps"] == 0 or step == total:
+                    ckpt.save_checkpoint(os.path.join(run_dir, "best_model"), raw, tok, cfg)
+            if main_rank:
+                logger.log(stats, step)
+            if main_rank and (step % cfg["save_steps"] == 0 or step == total or time_up):
                 state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": ckpt.rng_state(),
                          "step": step, "epoch": epoch, "pos": bi + 1, "best": best}
-                ckpt.save_checkpoint(os.path.join(run_dir, f"epoch_{epoch}_step_{step}"), model, tok, cfg, state)
+                ckpt.save_checkpoint(os.path.join(run_dir, f"epoch_{epoch}_step_{step}"), raw, tok, cfg, state)
+            if world > 1 and (step % cfg["eval_steps"] == 0 or step % cfg["save_steps"] == 0 or time_up):
+                torch.distributed.barrier()
+            if time_up:
+                print(f"max_train_seconds={cfg['max_train_seconds']} reached at step {step}; checkpoint saved")
+                total = step
+                break
         epoch, pos = epoch + 1, 0
+    pool.shutdown()
     bar.close()
     return best
 
@@ -269,7 +338,8 @@ def run(args) -> int:
         for note in notes:
             print(f"note: {note}")
         return 0
-    for note in notes:
+    rank, world = setup_distributed(cfg)
+    for note in notes if rank == 0 else []:
         print(f"note: {note}")
     device = check_device(cfg["model_device"])
     random.seed(cfg["seed"])
@@ -288,27 +358,44 @@ def run(args) -> int:
                                  f"{schema.config_hash(cfg)}" if cfg["eval_mode"] else
                                  f"{stamp}_{cfg['mamba_arch']}_{cfg['model_type']}_{cfg['dataset']}_seed_{cfg['seed']}{cfg['run_name_addon']}")
         run_dir = os.path.abspath(os.path.join(cfg["output_dir"], name))
-    os.makedirs(run_dir, exist_ok=True)
-    write_json_atomic(os.path.join(run_dir, "config.json"), cfg)
-    print(f"run folder: {run_dir}")
+    if world > 1:                               # every rank uses rank 0's run folder
+        holder = [run_dir]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        run_dir = holder[0]
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        write_json_atomic(os.path.join(run_dir, "config.json"), cfg)
+        print(f"run folder: {run_dir}")
     tok = load_tokenizer(cfg["tokenizer"], cfg["cache_dir"])
     task = get_task(cfg["dataset"])(cfg, tok, train=not cfg["eval_mode"])
     if cfg["record_debug_params"]:
         task.artifact_dir = os.path.join(run_dir, "artifacts")
     model, source = build_model(cfg, tok, device, weights=resume_from)
-    logger = RunLogger(cfg, run_dir, os.path.basename(run_dir))
+    logger = RunLogger(cfg, run_dir, os.path.basename(run_dir)) if rank == 0 else None
     try:
-        if cfg["find_deci_layer"] and not resume_from:
+        if rank == 0 and cfg["find_deci_layer"] and not resume_from:
             find_deci_layer(task, model, cfg, run_dir, device)
             write_json_atomic(os.path.join(run_dir, "config.json"), cfg)
-        if not resume_from:
+        if rank == 0 and not resume_from:
             score = run_eval(task, model, cfg, run_dir, device, source if cfg["eval_mode"] else "step_0", 0, "Initial Result")
             logger.log({"score": score}, 0)
+        if world > 1:
+            holder = [list(model.decimation.decimating_layers)]     # find_deci_layer's choice, everywhere
+            torch.distributed.broadcast_object_list(holder, src=0)
+            model.decimation.decimating_layers = holder[0]
         if not cfg["eval_mode"]:
-            best = train(cfg, model, tok, task, run_dir, device, logger, resume_from)
-            print(f"training done; best {task.primary_metric}: {best}")
+            net = model
+            if world > 1:
+                net = torch.nn.parallel.DistributedDataParallel(
+                    model, device_ids=[device.index] if device.type == "cuda" else None)
+            best = train(cfg, net, tok, task, run_dir, device, logger, resume_from, rank, world)
+            if rank == 0:
+                print(f"training done; best {task.primary_metric}: {best}")
     finally:
-        logger.finish()
+        if logger is not None:
+            logger.finish()
+        if world > 1:
+            torch.distributed.destroy_process_group()
     return 0
 
 

@@ -46,7 +46,7 @@ def run_case(name, model, ids, backward):
             logits = out.logits
             if backward:
                 logits.float().pow(2).mean().backward()
-    return timeit(fwd, repeats=1 if ids.shape[1] > 4096 else 2, warmup=0)
+    return timeit(fwd, repeats=1 if ids.shape[1] > 4096 else 2, warmup=1 if ids.shape[1] <= 4096 else 0)
 
 
 def main():

@@ -33,7 +33,7 @@ def git_rev() -> str:
 
 
 def timeit(fn, repeats=3, warmup=1, sync=None) -> float:
-    """Median wall seconds of fn() over ``repeats`` runs after ``warmup`` runs."""
+    """Median wall seconds of fn() over ``repeats`` runs (the faster of two) after ``warmup`` runs."""
     for _ in range(warmup):
         fn()
     times = []
@@ -45,7 +45,7 @@ def timeit(fn, repeats=3, warmup=1, sync=None) -> float:
         if sync:
             sync()
         times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+    return sorted(times)[(len(times) - 1) // 2]
 
 
 def write_results(path_stem: str, rows: list[dict], columns: list[str], title: str, notes: str = "") -> None:

@@ -110,6 +110,7 @@ KEYS: list[Key] = [
     K("scratch_model_config", "dict?", None, "MambaConfig fields: train a randomly initialised model instead of loading weights", original=False),
     K("backend", "str", "auto", "scan path: 'auto', 'torch' or 'kernel'", lambda v: v in ("auto", "torch", "kernel"), "one of ['auto', 'torch', 'kernel']", original=False),
     K("train_micro_batch_size", "int", 8, "samples of equal length run in one forward during accumulation", _pos, "> 0", original=False),
+    K("max_train_seconds", "float?", None, "stop training after this wall time, saving a checkpoint (null: no limit)", _pos, "> 0", original=False),
     K("warmup_steps", "int", 0, "linear LR warmup steps", _nonneg, ">= 0", original=False),
     K("weight_decay_all_params", "bool", False, "decay A_log, D, norms and biases too (the original's behaviour)", original=False),
     K("niah_noise_dataset", "str", "wikitext/wikitext-2-raw-v1", "haystack text: 'wikitext/<config>' (hub; bundled copy for test/validation) or a directory of wiki.<split>.raw files", original=False),
@@ -238,7 +239,7 @@ def parse_set(items: list[str]) -> dict:
 def config_hash(cfg: dict) -> str:
     """Hash of the keys that change evaluation results (not paths, logging or devices)."""
     skip = {"output_dir", "cache_dir", "activate_logging", "wandb_dir", "run_name_addon", "model_device",
-            "wandb_project", "wandb_mode", "eval_mode", "backend", "recover_step"}
+            "wandb_project", "wandb_mode", "eval_mode", "backend", "recover_step", "max_train_seconds"}
     blob = json.dumps({k: v for k, v in sorted(cfg.items()) if k not in skip}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 from models.config import MambaConfig
 from models.generation import generate as _generate
 from models.hub import resolve_file
-from modules.block import Block, make_norm, norm_fp32
+from modules.block import Block, add_norm, make_norm
 from modules.decimation import DecimationConfig, gather_tokens
 from modules.kernels import BACKENDS
 from modules.mamba_mixer import MambaMixer
@@ -76,14 +76,17 @@ class MixerModel(nn.Module):
             if record:
                 dbg["kept_indices"] = None if keep is None else keep.cpu()
                 debug.append(dbg)
-        residual = hidden + residual
-        return norm_fp32(self.norm_f, residual), kept, debug
+        return self._final_norm(hidden, residual), kept, debug
+
+    def _final_norm(self, hidden, residual):
+        backend = self.layers[0].mixer.backend
+        return add_norm(self.norm_f, hidden, residual, self.layers[0].residual_in_fp32, backend, prenorm=False)
 
     def step(self, input_ids, caches):
         hidden, residual = self.embedding(input_ids), None                                   # (b, 1, d)
         for layer, cache in zip(self.layers, caches):
             hidden, residual = layer.step(hidden, residual, cache)
-        return norm_fp32(self.norm_f, hidden + residual)
+        return self._final_norm(hidden, residual)
 
 
 class MambaLMHeadModel(nn.Module):

@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from modules import kernels
+
 
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x²) + eps) · weight, computed in fp32, returned in x's dtype."""
@@ -38,6 +40,23 @@ def norm_fp32(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm(x.to(norm.weight.dtype))
 
 
+def add_norm(norm: nn.Module, hidden, residual, residual_in_fp32: bool, backend: str, prenorm: bool = True):
+    """residual ← hidden + residual; out ← norm(residual). Returns (out, residual) if prenorm else out.
+
+    On CUDA with mamba-ssm importable, one fused Triton kernel does both (as upstream's
+    fused_add_norm); elsewhere plain PyTorch. Same math either way.
+    """
+    if kernels.layer_norm_fn is not None and kernels.use_kernels(backend, hidden):
+        return kernels.layer_norm_fn(hidden, norm.weight, getattr(norm, "bias", None), residual=residual,
+                                     eps=norm.eps, prenorm=prenorm, residual_in_fp32=residual_in_fp32,
+                                     is_rms_norm=isinstance(norm, RMSNorm))
+    residual = hidden if residual is None else hidden + residual
+    out = norm_fp32(norm, residual)
+    if residual_in_fp32:
+        residual = residual.float()
+    return (out, residual) if prenorm else out
+
+
 class Block(nn.Module):
     """residual ← hidden + residual;  hidden ← mixer(norm(residual)).
 
@@ -53,16 +72,10 @@ class Block(nn.Module):
         self.norm = make_norm(d_model, rms_norm, device=device, dtype=dtype)
 
     def forward(self, hidden, residual, **mixer_kwargs):
-        residual = hidden if residual is None else hidden + residual
-        hidden = norm_fp32(self.norm, residual)
-        if self.residual_in_fp32:
-            residual = residual.float()
+        hidden, residual = add_norm(self.norm, hidden, residual, self.residual_in_fp32, self.mixer.backend)
         out, keep, debug = self.mixer(hidden, **mixer_kwargs)
         return out, residual, keep, debug
 
     def step(self, hidden, residual, cache):
-        residual = hidden if residual is None else hidden + residual
-        hidden = norm_fp32(self.norm, residual)
-        if self.residual_in_fp32:
-            residual = residual.float()
+        hidden, residual = add_norm(self.norm, hidden, residual, self.residual_in_fp32, self.mixer.backend)
         return self.mixer.step(hidden, cache), residual

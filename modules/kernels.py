@@ -17,13 +17,15 @@ KERNEL_INSTALL_HINT = (
 selective_scan_fn = None
 mamba_inner_fn = None
 causal_conv1d_fn = None
+layer_norm_fn = None              # mamba-ssm's fused (residual add +) RMSNorm/LayerNorm Triton kernel
 KERNEL_IMPORT_ERROR: str | None = None
 
 try:  # pragma: no cover - exercised only where CUDA kernels are installed
     from causal_conv1d import causal_conv1d_fn  # noqa: F811
     from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn, selective_scan_fn  # noqa: F811
+    from mamba_ssm.ops.triton.layer_norm import layer_norm_fn  # noqa: F811
 except (ImportError, OSError, RuntimeError) as exc:  # missing, or a broken CUDA build
-    selective_scan_fn = mamba_inner_fn = causal_conv1d_fn = None
+    selective_scan_fn = mamba_inner_fn = causal_conv1d_fn = layer_norm_fn = None
     KERNEL_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 HAS_KERNELS = selective_scan_fn is not None and causal_conv1d_fn is not None

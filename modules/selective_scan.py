@@ -23,11 +23,11 @@ import torch.nn.functional as F
 
 from modules import kernels
 
-# Elements of one (b, d, block, n) fp32 tensor per block: about 64 MB on CPU (a block's eight
-# temporaries stay around half a gigabyte whatever the model size), 4x that on a GPU, where fewer,
-# larger blocks mean fewer kernel launches.
-_BLOCK_ELEMS = 1 << 24
-_GPU_BLOCK_FACTOR = 4
+# Elements of one (b, d, block, n) fp32 tensor per block. On CPU 4 MB blocks keep a block's
+# temporaries near the caches (measured on 2 cores: 2.3x faster than 64 MB blocks at 2K-16K
+# tokens); on a GPU, 64x larger blocks mean fewer kernel launches.
+_BLOCK_ELEMS = 1 << 20
+_GPU_BLOCK_FACTOR = 64
 
 
 def _linear_scan(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:

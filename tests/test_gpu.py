@@ -51,13 +51,20 @@ def test_kernel_equals_torch_fp32(deci):
 
 
 @requires_kernels
-def test_kernel_equals_torch_bf16_autocast():
-    model = _model(deci=DECI)
+@pytest.mark.parametrize("deci", [None, {**DECI, "decimating_layers": [1]}], ids=["vanilla", "deci"])
+def test_kernel_equals_torch_bf16_autocast(deci):
+    model = _model(deci=deci)
+    with torch.no_grad():
+        # Random weights give near-equal ‖Δ‖ for every token, and bf16 rounding (which differs
+        # between the conv/scan kernels and the torch ops) then reshuffles the top-k. A sharper
+        # dt projection separates the scores, as trained models do.
+        for layer in model.backbone.layers:
+            layer.mixer.dt_proj.weight.mul_(20)
     ids = torch.randint(0, 1000, (1, 4096), device="cuda")
     o_k, l_k, g_k = _fwd_bwd(model, ids, "kernel", autocast=True)
     o_t, l_t, g_t = _fwd_bwd(model, ids, "torch", autocast=True)
-    # bf16: the two paths round conv and scan inputs differently, which can flip the top-k at the
-    # boundary; require >= 98% of kept tokens shared, logits within 3e-2 relative norm, grads 1e-1.
+    # bf16 budget: >= 98% of kept tokens shared (boundary flips), logits within 3e-2 relative
+    # norm error, gradients within 1e-1 (the STYLE budget for bf16, gradients looser).
     for (_, a), (_, b) in zip(o_k.kept_indices, o_t.kept_indices):
         shared = len(set(a.tolist()) & set(b.tolist())) / len(b)
         assert shared >= 0.98, shared
@@ -105,7 +112,7 @@ def test_generation_kernel_equals_torch():
 
 @requires_cuda
 def test_torch_path_on_cuda_equals_cpu():
-    model = _model(d_model=64, n_layer=2, deci=DECI)
+    model = _model(d_model=64, n_layer=2, deci={**DECI, "decimating_layers": [1]})
     model.set_backend("torch")
     ids = torch.randint(0, 1000, (1, 3000))
     gpu = model(ids.cuda(), num_last_tokens=4).logits.cpu()
