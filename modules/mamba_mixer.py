@@ -75,7 +75,11 @@ class MambaMixer(nn.Module):
         bsz, length, _ = hidden.shape
         on_kernels = kernels.use_kernels(self.backend, hidden)
         A = -torch.exp(self.A_log.float())                                                  # (e, n)
-        xz = self.in_proj(hidden).transpose(1, 2)                                           # 1: (b, 2e, l)
+        # 1: (b, 2e, l). As upstream, W @ hᵀ gives a layout contiguous along l (for batch 1), so
+        # the conv and scan kernels need no transposed copy of the largest activation.
+        xz = (self.in_proj.weight @ hidden.reshape(-1, self.d_model).t()).view(-1, bsz, length).transpose(0, 1)
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
         if (on_kernels and self.use_fast_path and cache is None and not record
                 and not decimation.decimates(self.layer_idx)):
             out = kernels.mamba_inner_fn(
