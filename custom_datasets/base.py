@@ -55,6 +55,15 @@ class Task:
         raise NotImplementedError
 
 
+def length_label(n: int) -> str:
+    """1000 -> '1K', 128000 -> '128K', 1048576 -> '1M' (the original's length//1000 'K' headers)."""
+    if n >= 1 << 20 and n % (1 << 20) == 0:
+        return f"{n >> 20}M"
+    if n >= 1000:
+        return f"{n // 1000}K"
+    return str(n)
+
+
 def pretty_table(header: list[str], rows: list[list]) -> str:
     """A plain 'pretty' table as the original prints (tabulate's 'pretty' look, no dependency)."""
     cols = [header] + [[str(c) for c in r] for r in rows]

@@ -21,7 +21,7 @@ import zlib
 import numpy as np
 import torch
 
-from custom_datasets.base import Task, TrainChunk, pretty_table
+from custom_datasets.base import Task, TrainChunk, length_label, pretty_table
 from custom_datasets.sources import wikitext_rows
 
 QUESTION = "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it:\n"
@@ -182,7 +182,7 @@ class NiahTask(Task):
                 row.append("" if r is None else ("v" if r["score"] == 1 else "-") if one else f"{100 * r['score']:.0f}")
             rows.append(row)
         score = float(np.mean([r["score"] for r in records])) if records else float("nan")
-        return score, pretty_table(["depth"] + [f"{n // 1000}K" if n >= 1000 else str(n) for n in lens], rows)
+        return score, pretty_table(["depth"] + [length_label(n) for n in lens], rows)
 
     def plot(self, records, path, train_len=None):
         from custom_datasets.plots import passkey_heatmap

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from custom_datasets.base import Task, TrainChunk, pretty_table
+from custom_datasets.base import Task, TrainChunk, length_label, pretty_table
 from custom_datasets.niah import _seed
 
 EVAL_BATCH = 8
@@ -95,8 +95,7 @@ class PG19Task(Task):
         records = sorted(records, key=lambda r: r["ctx_len"])
         vals = [r["score"] for r in records if r["score"] == r["score"]]
         score = float(np.mean(vals)) if vals else float("nan")
-        table = pretty_table(["ctx len"] + [f"{r['ctx_len'] // 1000}K" if r["ctx_len"] >= 1000 else str(r["ctx_len"])
-                                            for r in records], [["score"] + [f"{r['score']:.2f}" for r in records]])
+        table = pretty_table(["ctx len"] + [length_label(r["ctx_len"]) for r in records], [["score"] + [f"{r['score']:.2f}" for r in records]])
         return score, table
 
     def plot(self, records, path, train_len=None):

@@ -5,6 +5,8 @@ import math
 
 import numpy as np
 
+from custom_datasets.base import length_label
+
 
 def _plt():
     import matplotlib
@@ -36,7 +38,7 @@ def passkey_heatmap(records, path, train_len=None, title="Passkey retrieval"):
     cmap = LinearSegmentedColormap.from_list("niah", ["#F0496E", "#EBB839", "#0CD79F"])
     fig, ax = plt.subplots(figsize=(1.1 * len(lens) + 2.5, 0.6 * len(depths) + 1.8))
     im = ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(lens)), [f"{n // 1000}K" if n >= 1000 else str(n) for n in lens])
+    ax.set_xticks(range(len(lens)), [length_label(n) for n in lens])
     ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
     ax.set_xlabel("Context Length [Tokens]")
     ax.set_ylabel("Passkey Depth")
