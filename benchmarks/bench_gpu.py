@@ -96,6 +96,23 @@ def prefill_rows(impls, cfg, args, rows, out):
             pass
 
 
+def streaming_rows(impls, args, rows, out):
+    """Streaming (chunked) prefill of the DeciMamba model: peak memory should stay flat in length."""
+    from models.streaming import streaming_prefill
+
+    model = impls["ours_deci"].to("cuda", torch.bfloat16).eval()
+    for length in args.stream_lengths:
+        if time.time() > args.deadline:
+            break
+        ids = torch.randint(0, 50277, (1, length), device="cuda")
+        t, mem = measure(lambda: streaming_prefill(model, ids, chunk_size=args.chunk), reps=1)
+        rows.append({"impl": f"ours_deci_streaming_{args.chunk}", "dtype": "bfloat16", "tokens": length, "seconds": t,
+                     "peak_GB": mem, "tok_per_s": None if t is None else round(length / t)})
+        print(rows[-1], flush=True)
+        write_results(out, rows, COLS, "GPU prefill: tokens/s and peak memory")
+    model.to("cpu")
+
+
 def hf_rows(cfg, args, rows, out):
     from transformers import MambaConfig as HFC, MambaForCausalLM
 
@@ -146,6 +163,8 @@ def main():
     ap.add_argument("--d-model", type=int, default=768)
     ap.add_argument("--n-layer", type=int, default=24)
     ap.add_argument("--max-seconds", type=float, default=240)
+    ap.add_argument("--stream-lengths", type=int, nargs="*", default=[1048576, 10485760])
+    ap.add_argument("--chunk", type=int, default=65536)
     ap.add_argument("--out", default="benchmarks/results/gpu_h200")
     args = ap.parse_args()
     args.deadline = time.time() + args.max_seconds
@@ -153,6 +172,7 @@ def main():
     impls, cfg = build(args)
     rows = []
     prefill_rows(impls, cfg, args, rows, args.out)
+    streaming_rows(impls, args, rows, args.out)
     train_rows(impls, args, rows, args.out)
     hf_rows(cfg, args, rows, args.out)
     write_results(args.out, rows, COLS, "GPU prefill: tokens/s and peak memory",

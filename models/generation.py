@@ -29,12 +29,21 @@ def sample_next(logits, top_k=1, top_p=0.0, temperature=1.0, generator=None):
 
 @torch.no_grad()
 def generate(model, input_ids, max_length, top_k=1, top_p=0.0, temperature=1.0, eos_token_id=None,
-             generator=None):
-    """input_ids (b, l) -> (b, <= max_length) token ids, prompt included."""
+             generator=None, prefill_chunk_size=None):
+    """input_ids (b, l) -> (b, <= max_length) token ids, prompt included.
+
+    prefill_chunk_size: stream the prompt in chunks of this many tokens (constant memory; same
+    result as the one-shot prefill, see models/streaming.py).
+    """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a non-empty (batch, length) tensor, got shape {tuple(input_ids.shape)}")
     caches = model.allocate_inference_cache()
-    logits = model(input_ids, num_last_tokens=1, caches=caches).logits[:, -1]
+    if prefill_chunk_size:
+        from models.streaming import streaming_prefill
+
+        logits = streaming_prefill(model, input_ids, prefill_chunk_size, 1, caches).logits[:, -1]
+    else:
+        logits = model(input_ids, num_last_tokens=1, caches=caches).logits[:, -1]
     n_new = max(1, int(max_length) - input_ids.shape[1])
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     out = [input_ids]

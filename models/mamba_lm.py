@@ -158,9 +158,10 @@ class MambaLMHeadModel(nn.Module):
         return self.lm_head(self.backbone.step(input_ids, caches))
 
     def generate(self, input_ids, max_length, top_k=1, top_p=0.0, temperature=1.0, eos_token_id=None,
-                 generator=None):
+                 generator=None, prefill_chunk_size=None):
+        """Greedy by default; see models/generation.py."""
         return _generate(self, input_ids, max_length, top_k=top_k, top_p=top_p, temperature=temperature,
-                         eos_token_id=eos_token_id, generator=generator)
+                         eos_token_id=eos_token_id, generator=generator, prefill_chunk_size=prefill_chunk_size)
 
     # ---------------------------------------------------------------- checkpoints
     @classmethod

@@ -69,53 +69,76 @@ class MambaMixer(nn.Module):
     def forward(self, hidden, resp_len=0, decimation: DecimationConfig | None = None, cache=None, record=False):
         """hidden (b, l, d) -> (out (b, l', d), keep (b, l') or None, debug dict or None).
 
-        cache: a LayerCache to fill with the conv state and the final SSM state (prefill).
+        cache: a LayerCache. Fresh (states None): filled with the conv state and the final SSM state
+        (prefill). Holding states: the sequence continues from them (chunked prefill).
         """
         decimation = decimation or DecimationConfig()
-        bsz, length, _ = hidden.shape
         on_kernels = kernels.use_kernels(self.backend, hidden)
-        A = -torch.exp(self.A_log.float())                                                  # (e, n)
+        if (on_kernels and self.use_fast_path and cache is None and not record
+                and not decimation.decimates(self.layer_idx)):
+            bsz, length, _ = hidden.shape
+            return kernels.mamba_inner_fn(
+                self._in_proj(hidden), self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
+                self.dt_proj.weight, self.out_proj.weight, self.out_proj.bias, -torch.exp(self.A_log.float()),
+                None, None, self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True), None, None
+        x, dt, B, C, z = self.project(hidden, cache)                                        # steps 1-3a
+        keep = None
+        if decimation.decimates(self.layer_idx) or record:                                  # 3b: (b, e, l)
+            keep = kept_indices(self.delta(dt), resp_len, self.layer_idx, decimation)       # 3c: (b, l')
+        if keep is not None and keep.shape[1] < hidden.shape[1]:
+            x, dt, z = (gather_tokens(t, keep, 2) for t in (x, dt, z))                      # (b, e, l')
+            B, C = gather_tokens(B, keep, 2), gather_tokens(C, keep, 2)                     # (b, n, l')
+        out = self.scan(x, dt, B, C, z, cache)                                              # steps 3d-4
+        debug = None
+        if record:
+            debug = {"A": -torch.exp(self.A_log.float()).detach().cpu(), "B": B.detach().float().cpu(),
+                     "C": C.detach().float().cpu(), "delta": self.delta(dt).detach().cpu()}
+        return out, keep, debug
+
+    def _in_proj(self, hidden):
         # 1: (b, 2e, l). As upstream, W @ hᵀ gives a layout contiguous along l (for batch 1), so
         # the conv and scan kernels need no transposed copy of the largest activation.
+        bsz, length, _ = hidden.shape
         xz = (self.in_proj.weight @ hidden.reshape(-1, self.d_model).t()).view(-1, bsz, length).transpose(0, 1)
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
-        if (on_kernels and self.use_fast_path and cache is None and not record
-                and not decimation.decimates(self.layer_idx)):
-            out = kernels.mamba_inner_fn(
-                xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
-                self.out_proj.weight, self.out_proj.bias, A, None, None, self.D.float(),
-                delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
-            return out, None, None
-        x, z = xz.chunk(2, dim=1)                                                           # (b, e, l) each
+        return xz
+
+    def project(self, hidden, cache=None):
+        """Steps 1-3a: hidden (b, l, d) -> x (b, e, l) after conv + SiLU, dt (b, e, l) before its
+        bias, B and C (b, n, l), gate z (b, e, l). Updates cache.conv_state if a cache is given."""
+        length = hidden.shape[1]
+        x, z = self._in_proj(hidden).chunk(2, dim=1)                                        # (b, e, l) each
+        prev = 0
+        if cache is not None and cache.conv_state is not None:  # continue: prepend the last d_conv - 1 inputs
+            prev = self.d_conv - 1
+            x = torch.cat([cache.conv_state[:, :, 1:].to(x.dtype), x], dim=2)
         if cache is not None:                                  # last d_conv raw inputs, zero-padded left
-            cache.conv_state = F.pad(x, (self.d_conv - length, 0)).detach().clone()
-        if on_kernels:                                                                      # 2: (b, e, l)
-            x = kernels.causal_conv1d_fn(x.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+            cache.conv_state = F.pad(x, (self.d_conv - x.shape[2], 0)).detach().clone()
+        if kernels.use_kernels(self.backend, hidden):                                       # 2: (b, e, l)
+            x = kernels.causal_conv1d_fn(x.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                         activation="silu")[..., prev:]
         else:
-            x = F.silu(self.conv1d(x)[..., :length])
+            x = F.silu(self.conv1d(x)[..., prev:prev + length])
         x_dbl = self.x_proj(x.transpose(1, 2))                                              # 3a: (b, l, r + 2n)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)                                 # (b, e, l), no bias yet
-        B, C = B.transpose(1, 2), C.transpose(1, 2)                                         # (b, n, l)
-        keep = None
-        if decimation.decimates(self.layer_idx) or record:                                  # 3b: (b, e, l)
-            delta = F.softplus(dt.float() + self.dt_proj.bias.float()[:, None])
-            keep = kept_indices(delta, resp_len, self.layer_idx, decimation)                # 3c: (b, l')
-        if keep is not None and keep.shape[1] < length:
-            x, dt, z = (gather_tokens(t, keep, 2) for t in (x, dt, z))                      # (b, e, l')
-            B, C = gather_tokens(B, keep, 2), gather_tokens(C, keep, 2)                     # (b, n, l')
-        y = selective_scan(x, dt, A, B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
-                           delta_softplus=True, return_last_state=cache is not None,
-                           backend=self.backend if on_kernels else "torch")                 # 3d: (b, e, l')
+        return x, dt, B.transpose(1, 2), C.transpose(1, 2), z
+
+    def delta(self, dt):
+        """3b: Δ = softplus(dt + dt_bias) in fp32, (b, e, l): the step size and the decimation score."""
+        return F.softplus(dt.float() + self.dt_proj.bias.float()[:, None])
+
+    def scan(self, x, dt, B, C, z, cache=None):
+        """Steps 3d-4: selective scan (continuing from cache.ssm_state if set) and out-projection."""
+        init = None if cache is None else cache.ssm_state
+        y = selective_scan(x, dt, -torch.exp(self.A_log.float()), B, C, self.D.float(), z=z,
+                           delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+                           return_last_state=cache is not None, initial_state=init,
+                           backend=self.backend)                                            # 3d: (b, e, l')
         if cache is not None:
             y, cache.ssm_state = y
-        out = self.out_proj(y.transpose(1, 2))                                              # 4: (b, l', d)
-        debug = None
-        if record:
-            debug = {"A": A.detach().cpu(), "B": B.detach().float().cpu(), "C": C.detach().float().cpu(),
-                     "delta": F.softplus(dt.float() + self.dt_proj.bias.float()[:, None]).detach().cpu()}
-        return out, keep, debug
+        return self.out_proj(y.transpose(1, 2))                                             # 4: (b, l', d)
 
     # ------------------------------------------------------------------ one recurrent step
     def step(self, hidden, cache):

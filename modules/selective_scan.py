@@ -173,13 +173,45 @@ def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None
     return (out, h) if return_last_state else out
 
 
+def initial_state_correction(delta, A, C, initial_state, delta_bias=None, delta_softplus=False):
+    """Exact contribution of an initial state h0 to a selective scan (the kernel takes none).
+
+    The recurrence is linear in h, so with P_t = exp(A · Σ_{k<=t} Δ_k) (entries in (0, 1]):
+        y_t(h0) = y_t(0) + <C_t, P_t ⊙ h0>   and   h_L(h0) = h_L(0) + P_L ⊙ h0.
+    Returns (dy (b, e, l) in fp32 or wider, to add before the D term and gate; decay P_L (b, e, n)).
+    """
+    f = torch.promote_types(delta.dtype, torch.float32)
+    delta, A, h0 = delta.to(f), A.to(f), initial_state.to(f)
+    if delta_bias is not None:
+        delta = delta + delta_bias[..., None].to(f)
+    if delta_softplus:
+        delta = F.softplus(delta)
+    cum = torch.cumsum(delta, dim=-1)                                                   # (b, e, l)
+    dy = torch.empty_like(cum)
+    step = max(1, _BLOCK_ELEMS * _GPU_BLOCK_FACTOR // max(1, cum.shape[0] * cum.shape[1] * A.shape[1]))
+    for s in range(0, cum.shape[-1], step):                                             # bounded memory
+        P = torch.exp(cum[:, :, s:s + step, None] * A[None, :, None, :])                # (b, e, l', n)
+        dy[:, :, s:s + step] = torch.einsum("beln,bnl->bel", P * h0[:, :, None], C[:, :, s:s + step].to(f))
+    return dy, torch.exp(cum[:, :, -1, None] * A[None])
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, initial_state=None, backend="auto"):
     """Dispatcher: mamba-ssm's CUDA kernel when allowed and possible, else ``selective_scan_ref``.
 
-    The Mamba-1 kernel takes no initial state, so a call with one always runs the torch path.
+    The Mamba-1 kernel takes no initial state; with one, the kernel's zero-state result is
+    corrected exactly by ``initial_state_correction`` (linearity of the recurrence).
     """
-    if initial_state is None and kernels.use_kernels(backend, u):
-        return kernels.selective_scan_fn(
-            u, delta, A, B.contiguous(), C.contiguous(), D, z, delta_bias, delta_softplus, return_last_state)
-    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
+    if not kernels.use_kernels(backend, u):
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
+    B, C = B.contiguous(), C.contiguous()
+    if initial_state is None:
+        return kernels.selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    y, last = kernels.selective_scan_fn(u, delta, A, B, C, D, None, delta_bias, delta_softplus, True)
+    dy, decay = initial_state_correction(delta, A, C, initial_state, delta_bias, delta_softplus)
+    y = y.to(dy.dtype) + dy
+    if z is not None:
+        y = y * F.silu(z.to(dy.dtype))
+    out = y.to(u.dtype)
+    last = last + decay * initial_state.to(decay.dtype)
+    return (out, last) if return_last_state else out

@@ -75,3 +75,22 @@ def test_extreme_decay_is_finite():
     inp["delta"] = inp["delta"].abs() * 2000
     out = selective_scan_ref(**inp, delta_softplus=True)
     assert torch.isfinite(out).all()
+
+
+def test_kernel_dispatch_initial_state_correction(monkeypatch):
+    # The Mamba-1 kernel takes no initial state: the dispatcher adds the exact correction term.
+    # Stand in for the kernel with the torch path at zero state, then compare with the torch path
+    # given the state directly (fp64: the two are algebraically equal).
+    import modules.kernels as K
+    from modules.selective_scan import selective_scan
+
+    def fake_kernel(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+    monkeypatch.setattr(K, "selective_scan_fn", fake_kernel)
+    monkeypatch.setattr(K, "use_kernels", lambda backend, t: True)
+    inp = _inputs(2, 5, 77, 3, torch.float64, seed=4)
+    got, got_last = selective_scan(**inp, delta_softplus=True, return_last_state=True)
+    want, want_last = selective_scan_ref(**inp, delta_softplus=True, return_last_state=True)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got_last, want_last, rtol=1e-10, atol=1e-10)
