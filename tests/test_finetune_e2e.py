@@ -71,3 +71,24 @@ def test_unreachable_hub_model_fails_fast(tmp_path, capsys, monkeypatch):
                             "--set", f"cache_dir={tmp_path}/cache"])
     err = capsys.readouterr().err
     assert rc == 1 and "assafbk/mamba-130m-niah" in err and "local directory" in err
+
+
+def test_find_deci_layer_installs_a_real_layer(tmp_path):
+    run = _run(tmp_path, "sweep", max_step=1, find_deci_layer=True, find_deci_layer_candidates=[1, 2],
+               niah_context_lens_eval=[100])
+    sweep = json.loads((run / "find_deci_layer.json").read_text())
+    assert set(sweep["scores"]) == {"1", "2"} and sweep["chosen_layer"] in (1, 2)   # a layer number, not a list position
+    assert json.loads((run / "config.json").read_text())["decimating_layers"] == [sweep["chosen_layer"]]
+    assert json.loads((run / "config.json").read_text())["niah_context_lens_eval"] == [100]   # eval settings untouched
+
+
+def test_weight_decay_groups():
+    from engine.optim import param_groups
+
+    model = DecimatingMambaModel(MambaConfig(d_model=16, n_layer=2, vocab_size=100))
+    decay, no_decay = param_groups(model, 0.1, decay_all=False)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(names[id(p)].endswith(("A_log", "D", "norm.weight", "norm_f.weight", "bias")) for p in no_decay["params"])
+    assert all(p.dim() >= 2 and not names[id(p)].endswith("A_log") for p in decay["params"]) and decay["weight_decay"] == 0.1
+    everything = param_groups(model, 0.1, decay_all=True)
+    assert len(everything[0]["params"]) == len(list(model.parameters())) and not everything[1]["params"]

@@ -122,3 +122,32 @@ def test_torch_path_on_cuda_equals_cpu():
     gpu = model(ids.cuda(), num_last_tokens=4).logits.cpu()
     cpu = model.cpu()(ids, num_last_tokens=4).logits
     torch.testing.assert_close(gpu, cpu, rtol=6e-4, atol=2e-3)
+
+
+@requires_kernels
+def test_kernel_scan_with_initial_state_equals_torch():
+    from modules.selective_scan import selective_scan, selective_scan_ref
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, e, n, length = 2, 64, 16, 3000
+    r = lambda *s: torch.randn(*s, generator=g, device="cuda")  # noqa: E731
+    args = (r(b, e, length), r(b, e, length), -torch.rand(e, n, generator=g, device="cuda"), r(b, n, length), r(b, n, length))
+    kw = dict(D=r(e), z=r(b, e, length), delta_bias=r(e), delta_softplus=True, return_last_state=True,
+              initial_state=r(b, e, n))
+    y_k, h_k = selective_scan(*args, backend="kernel", **kw)
+    y_t, h_t = selective_scan_ref(*args, **kw)
+    torch.testing.assert_close(y_k, y_t, rtol=6e-4, atol=2e-3)
+    torch.testing.assert_close(h_k, h_t, rtol=6e-4, atol=2e-3)
+
+
+@requires_kernels
+def test_streaming_prefill_kernel_equals_one_shot_256k():
+    from models.streaming import streaming_prefill
+
+    model = _model(d_model=128, n_layer=4, deci={**DECI, "decimating_layers": [2], "L_base": 2000})
+    ids = torch.randint(0, 1000, (1, 262_144), device="cuda")
+    with torch.no_grad():
+        one = model(ids, num_last_tokens=1)
+        got = streaming_prefill(model, ids, chunk_size=65_536)
+    assert torch.equal(got.kept_indices[0][1], one.kept_indices[0][1])
+    torch.testing.assert_close(got.logits, one.logits, rtol=6e-4, atol=2e-3)
