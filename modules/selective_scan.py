@@ -121,6 +121,23 @@ class _ScanFn(torch.autograd.Function):
         return gu, gdelta, gA, gB, gC, (carry if ctx.has_h0 else None)
 
 
+def _step_size(delta, delta_bias, delta_softplus, f):
+    """Δ in dtype f: delta (+ bias), through softplus if asked (the kernel's delta_softplus)."""
+    delta = delta.to(f)
+    if delta_bias is not None:
+        delta = delta + delta_bias[..., None].to(f)
+    return F.softplus(delta) if delta_softplus else delta
+
+
+def _skip_and_gate(y, u, D, z, dtype_out):
+    """y + D u, gated by SiLU(z), cast to the output dtype (steps shared by every scan path)."""
+    if D is not None:
+        y = y + u.to(y.dtype) * D.to(y.dtype)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y.to(dtype_out)
+
+
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False, initial_state=None):
     """Pure-PyTorch selective scan, same signature as mamba-ssm's ``selective_scan_fn``.
@@ -129,20 +146,11 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     initial_state: (b, d, n) or None. Returns out (b, d, l) in u's dtype, and the final state
     (b, d, n, fp32) if ``return_last_state``. The state is always carried in fp32.
     """
-    dtype_in = u.dtype
-    f = torch.promote_types(dtype_in, torch.float32)   # fp32 compute (fp64 stays fp64 for gradcheck)
-    u, delta = u.to(f), delta.to(f)
-    if delta_bias is not None:
-        delta = delta + delta_bias[..., None].to(f)
-    if delta_softplus:
-        delta = F.softplus(delta)
+    f = torch.promote_types(u.dtype, torch.float32)   # fp32 compute (fp64 stays fp64 for gradcheck)
+    delta = _step_size(delta, delta_bias, delta_softplus, f)
     h0 = None if initial_state is None else initial_state.to(f)
-    y, last = _ScanFn.apply(u, delta, A.to(f), B.to(f), C.to(f), h0)
-    if D is not None:
-        y = y + u * D.to(f)[:, None]
-    if z is not None:
-        y = y * F.silu(z.to(f))
-    out = y.to(dtype_in)
+    y, last = _ScanFn.apply(u.to(f), delta, A.to(f), B.to(f), C.to(f), h0)
+    out = _skip_and_gate(y, u, D, z, u.dtype)
     return (out, last) if return_last_state else out
 
 
@@ -151,11 +159,7 @@ def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None
     """Test oracle only: the same scan as a per-token loop (slow, O(l) Python steps)."""
     dtype_in = u.dtype
     f = torch.promote_types(dtype_in, torch.float32)
-    u, delta = u.to(f), delta.to(f)
-    if delta_bias is not None:
-        delta = delta + delta_bias[..., None].to(f)
-    if delta_softplus:
-        delta = F.softplus(delta)
+    u, delta = u.to(f), _step_size(delta, delta_bias, delta_softplus, f)
     bsz, d, length = u.shape
     h = torch.zeros(bsz, d, A.shape[1], device=u.device, dtype=f) if initial_state is None else initial_state.to(f)
     dA = torch.exp(delta.unsqueeze(-1) * A.to(f)[:, None, :])             # (b, d, l, n)
@@ -164,12 +168,7 @@ def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None
     for t in range(length):
         h = dA[:, :, t] * h + dBu[:, :, t]
         ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t].to(f)))
-    y = torch.stack(ys, dim=2)
-    if D is not None:
-        y = y + u * D.to(f)[:, None]
-    if z is not None:
-        y = y * F.silu(z.to(f))
-    out = y.to(dtype_in)
+    out = _skip_and_gate(torch.stack(ys, dim=2), u, D, z, dtype_in)
     return (out, h) if return_last_state else out
 
 
@@ -181,12 +180,8 @@ def initial_state_correction(delta, A, C, initial_state, delta_bias=None, delta_
     Returns (dy (b, e, l) in fp32 or wider, to add before the D term and gate; decay P_L (b, e, n)).
     """
     f = torch.promote_types(delta.dtype, torch.float32)
-    delta, A, h0 = delta.to(f), A.to(f), initial_state.to(f)
-    if delta_bias is not None:
-        delta = delta + delta_bias[..., None].to(f)
-    if delta_softplus:
-        delta = F.softplus(delta)
-    cum = torch.cumsum(delta, dim=-1)                                                   # (b, e, l)
+    A, h0 = A.to(f), initial_state.to(f)
+    cum = torch.cumsum(_step_size(delta, delta_bias, delta_softplus, f), dim=-1)                                                   # (b, e, l)
     dy = torch.empty_like(cum)
     step = max(1, _BLOCK_ELEMS * _GPU_BLOCK_FACTOR // max(1, cum.shape[0] * cum.shape[1] * A.shape[1]))
     for s in range(0, cum.shape[-1], step):                                             # bounded memory
@@ -209,9 +204,6 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         return kernels.selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     y, last = kernels.selective_scan_fn(u, delta, A, B, C, D, None, delta_bias, delta_softplus, True)
     dy, decay = initial_state_correction(delta, A, C, initial_state, delta_bias, delta_softplus)
-    y = y.to(dy.dtype) + dy
-    if z is not None:
-        y = y * F.silu(z.to(dy.dtype))
-    out = y.to(u.dtype)
+    out = _skip_and_gate(y.to(dy.dtype) + dy, u, None, z, u.dtype)      # the kernel already added D u
     last = last + decay * initial_state.to(decay.dtype)
     return (out, last) if return_last_state else out
