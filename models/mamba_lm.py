@@ -31,8 +31,9 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 class LMOutput:
     """logits (b, k, V): the last k = num_last_tokens positions, or every position that reached
     the head when k == 0 (a decimating model returns the decimated length then).
-    kept_indices: [(layer_idx, kept positions in that layer's input)] for each decimating layer;
-    a LongTensor (k,) for batch 1, (b, k) otherwise. debug_params: per-layer dicts of A, B, C,
+    kept_indices: [(layer_idx, kept positions in that layer's input)] for each layer listed in
+    ``decimating_layers``, in layer order (every position when decimation is off); a LongTensor
+    (k,) for batch 1, (b, k) otherwise. debug_params: per-layer dicts of A, B, C,
     Δ and kept indices when ``record_debug_params`` is on, else None."""
 
     logits: torch.Tensor
@@ -66,13 +67,15 @@ class MixerModel(nn.Module):
         hidden, residual = self.embedding(input_ids), None                                   # (b, l, d)
         kept, debug = [], ([] if record else None)
         for i, layer in enumerate(self.layers):
+            length = hidden.shape[1]
             hidden, residual, keep, dbg = layer(hidden, residual, resp_len=resp_len, decimation=decimation,
                                                 cache=None if caches is None else caches[i], record=record)
-            if keep is not None:
-                if keep.shape[1] < residual.shape[1]:
-                    residual = gather_tokens(residual, keep, 1)                              # (b, l', d)
-                if decimation.decimates(i):
-                    kept.append((i, keep[0] if keep.shape[0] == 1 else keep))
+            if keep is not None and keep.shape[1] < residual.shape[1]:
+                residual = gather_tokens(residual, keep, 1)                                  # (b, l', d)
+            if i in decimation.decimating_layers:      # listed layers report their kept set (all, if off)
+                if keep is None:
+                    keep = torch.arange(length, device=hidden.device).expand(hidden.shape[0], -1)
+                kept.append((i, keep[0] if keep.shape[0] == 1 else keep))
             if record:
                 dbg["kept_indices"] = None if keep is None else keep.cpu()
                 debug.append(dbg)

@@ -104,6 +104,9 @@ def streaming_prefill(model, input_ids, chunk_size: int = 65536, num_last_tokens
                 if keep.shape[1] < residual.shape[1]:
                     residual = gather_tokens(residual, keep, 1)
                 kept.append((i, keep[0] if bsz == 1 else keep))
+    if not dec.activate:                                     # listed layers report every position
+        kept = [(i, torch.arange(length, device=input_ids.device).expand(bsz, -1).squeeze(0) if bsz == 1
+                 else torch.arange(length, device=input_ids.device).expand(bsz, -1)) for i in sorted(dec.decimating_layers)]
     hidden = bb._final_norm(hidden, residual)
     if num_last_tokens > 0:
         hidden = hidden[:, -num_last_tokens:]

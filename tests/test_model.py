@@ -63,6 +63,18 @@ def test_noop_decimation_equals_vanilla(deci):
     assert torch.equal(model(ids, num_last_tokens=5).logits, vanilla(ids, num_last_tokens=5).logits)
 
 
+def test_kept_indices_report_listed_layers_in_order():
+    _, model = make_pair(deci={**DECI, "decimating_layers": [2, 1]})
+    ids = torch.randint(0, 61, (1, 90))
+    out = model(ids, num_last_tokens=1)
+    assert [i for i, _ in out.kept_indices] == [1, 2]
+    # layer 1 is s=1 (list position): 40·β = 20 + 1 tail; layer 2 (s=0, budget 40) keeps all 21 left
+    assert len(out.kept_indices[0][1]) == 21 and torch.equal(out.kept_indices[1][1], torch.arange(21))
+    model.set_decimation({**DECI, "activate": False})
+    off = model(ids, num_last_tokens=1).kept_indices
+    assert [i for i, _ in off] == [1, 2] and all(torch.equal(k, torch.arange(90)) for _, k in off)
+
+
 def test_backward_through_decimation_matches_oracle():
     _, model = make_pair(deci=DECI)
     ids = torch.randint(0, 61, (1, 80))
