@@ -48,6 +48,8 @@ def evaluate(task, model, device, run_dir: str, identity: dict, train_len=None, 
     plot_path = os.path.join(run_dir, "plots", f"{task.name}_step{step}.png")
     try:
         task.plot(records, plot_path, train_len)
+        if not quiet:
+            print(f"plot: {plot_path}")
     except Exception as exc:  # noqa: BLE001 - a plot must never lose the numbers
         print(f"warning: plot {plot_path} failed: {exc}")
     return score, table, records
