@@ -92,3 +92,34 @@ def test_weight_decay_groups():
     assert all(p.dim() >= 2 and not names[id(p)].endswith("A_log") for p in decay["params"]) and decay["weight_decay"] == 0.1
     everything = param_groups(model, 0.1, decay_all=True)
     assert len(everything[0]["params"]) == len(list(model.parameters())) and not everything[1]["params"]
+
+
+def test_wandb_is_lazy_offline_without_key_and_never_logs_in(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    calls = {}
+
+    class Run:
+        def log(self, metrics, step):
+            calls.setdefault("log", []).append(step)
+
+        def finish(self):
+            calls["finish"] = True
+
+    fake = types.SimpleNamespace(init=lambda **kw: calls.update(init=kw) or Run(), Settings=lambda **kw: kw,
+                                 login=lambda *a, **k: calls.update(login=True))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    _run(tmp_path, "wb", max_step=2, activate_logging=True, wandb_dir=str(tmp_path / "wandb"))
+    assert calls["init"]["mode"] == "offline" and calls["init"]["project"] == "icl_ssm"
+    assert "login" not in calls and calls["finish"] and calls["log"][:3] == [0, 1, 2]
+
+
+def test_logging_without_wandb_installed_warns_and_still_logs(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)          # import wandb -> ImportError
+    with pytest.warns(UserWarning, match="wandb is not installed"):
+        run = _run(tmp_path, "nowb", max_step=1, activate_logging=True, wandb_dir=str(tmp_path / "wandb"))
+    assert [json.loads(x)["step"] for x in open(run / "train_log.jsonl")] == [0, 1]
