@@ -22,9 +22,10 @@ TASK_NAMES = ("niah_custom", "squad_retrieve", "ppl_test")
 class ConfigError(ValueError):
     """Every problem of a config, one per line."""
 
-    def __init__(self, problems: list[str], source: str = "config"):
+    def __init__(self, problems: list[str], source: str = "config", hint: str = ""):
         self.problems = problems
-        super().__init__(f"{source} has {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+        super().__init__(f"{source} has {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems)
+                         + (f"\n{hint}" if hint else ""))
 
 
 @dataclass(frozen=True)
@@ -164,8 +165,9 @@ def validate(cfg: dict, source: str = "config") -> list[str]:
     for name in cfg:
         if name not in KEY_BY_NAME:
             close = difflib.get_close_matches(name, KEY_BY_NAME, n=3)
-            problems.append(f"unknown key {name!r}" + (f" (did you mean {close}?)" if close else "")
-                            + "; valid keys are listed in configs/schema.py (python finetune_ssm.py --list-keys)")
+            problems.append(f"unknown key {name!r}" + (f" (did you mean {close}?)" if close else ""))
+    hint = ("valid keys (python finetune_ssm.py --list-keys for types and defaults): " + ", ".join(KEY_BY_NAME)
+            if problems else "")
     for k in KEYS:
         if k.name not in cfg:
             continue
@@ -175,7 +177,7 @@ def validate(cfg: dict, source: str = "config") -> list[str]:
         elif v is not None and k.check is not None and not k.check(v):
             problems.append(f"{k.name}={v!r}: must be {k.rule}")
     if problems:
-        raise ConfigError(problems, source)
+        raise ConfigError(problems, source, hint)
     deci = cfg["mamba_arch"] == "deci"
     if cfg["activate_decimation"] and not deci:
         problems.append("activate_decimation is true but mamba_arch is 'vanilla' (a vanilla model never decimates): "

@@ -30,6 +30,13 @@ def test_shipped_configs_load_and_equal_the_originals(name):
         assert filecmp.cmp(orig, os.path.join(REPO, "configs", name), shallow=False)
 
 
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(REPO, "configs"))))
+def test_every_shipped_config_loads(name):
+    if name.endswith(".json"):
+        cfg, _ = schema.load(os.path.join(REPO, "configs", name))
+        assert cfg["dataset"] in schema.TASK_NAMES
+
+
 def test_eval_presets_mean_what_they_meant():
     c4, _ = schema.load(os.path.join(REPO, "configs", "eval_ssm_config_4.json"))
     assert (c4["dataset"], c4["decimation_beta"], c4["decimating_layers"], c4["decimation_max_p_L_base"]) == \
@@ -42,7 +49,8 @@ def test_all_problems_reported_together():
     with pytest.raises(schema.ConfigError) as e:
         schema.load(None, {"decimation_beta": 1.5, "lr": -1, "lrr": 3, "mamba_arch": "vanilla", "epochs": "3"})
     msg = str(e.value)
-    for needle in ("decimation_beta=1.5", "lr=-1", "unknown key 'lrr'", "did you mean", "epochs='3'"):
+    for needle in ("decimation_beta=1.5", "lr=-1", "unknown key 'lrr'", "did you mean", "epochs='3'",
+                   "valid keys", "decimation_max_p_L_base"):
         assert needle in msg
 
 
