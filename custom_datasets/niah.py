@@ -150,24 +150,44 @@ class NiahTask(Task):
         text = text.split(self.tok.eos_token)[0]
         return answer in text.split(" ")
 
-    def run_cell(self, model, cell, device):
-        prompts, answers, needles = self.eval_prompts(cell["depth"], cell["ctx_len"])
-        ids = torch.tensor(prompts, device=device)
-        seq = model.generate(ids, max_length=ids.shape[1] + self.cfg["eval_max_len"],
-                             eos_token_id=self.tok.eos_token_id)
-        responses = [self.tok.decode(row[ids.shape[1]:].tolist()) for row in seq]
-        correct = [self.score_response(r, a) for r, a in zip(responses, answers)]
-        if self.cfg["record_debug_params"] and self.artifact_dir:
-            from custom_datasets.debug_params import record_prompt_params
+    def group_key(self, cell):
+        """Cells of one length have prompts of one length: the evaluator batches them together."""
+        return cell["ctx_len"]
 
-            for k, (p, needle) in enumerate(zip(prompts, needles)):
-                record_prompt_params(model, torch.tensor([p], device=device), self.artifact_dir,
-                                     f"d{cell['depth']}_L{cell['ctx_len']}_s{k}",
-                                     {"needle_position": needle, "ctx_len": cell["ctx_len"], "depth": cell["depth"],
-                                      "prompt_prefix_len": len(self.q_ids)})
-        return {"score": sum(correct) / len(correct), "correct": sum(correct), "samples": len(correct),
-                "answers": answers, "responses": responses, "needle_positions": needles,
-                "prompt_tokens": int(ids.shape[1])}
+    def run_cells(self, model, cells, device, max_batch_tokens: int = 1 << 21):
+        """All samples of cells of equal length in batches of <= max_batch_tokens prompt tokens
+        (per-row decimation makes a batched row equal to running it alone)."""
+        built = [self.eval_prompts(c["depth"], c["ctx_len"]) for c in cells]
+        flat = [p for prompts, _, _ in built for p in prompts]
+        per_batch = max(1, max_batch_tokens // len(flat[0]))
+        responses = []
+        for i in range(0, len(flat), per_batch):
+            ids = torch.tensor(flat[i:i + per_batch], device=device)
+            seq = model.generate(ids, max_length=ids.shape[1] + self.cfg["eval_max_len"], eos_token_id=self.tok.eos_token_id)
+            responses += [self.tok.decode(row[ids.shape[1]:].tolist()) for row in seq]
+        results, k = [], 0
+        for cell, (prompts, answers, needles) in zip(cells, built):
+            resp = responses[k:k + len(prompts)]
+            k += len(prompts)
+            correct = [self.score_response(r, a) for r, a in zip(resp, answers)]
+            if self.cfg["record_debug_params"] and self.artifact_dir:
+                self._record(model, cell, prompts, needles, device)
+            results.append({"score": sum(correct) / len(correct), "correct": sum(correct), "samples": len(correct),
+                            "answers": answers, "responses": resp, "needle_positions": needles,
+                            "prompt_tokens": len(prompts[0])})
+        return results
+
+    def run_cell(self, model, cell, device):
+        return self.run_cells(model, [cell], device)[0]
+
+    def _record(self, model, cell, prompts, needles, device):
+        from custom_datasets.debug_params import record_prompt_params
+
+        for k, (p, needle) in enumerate(zip(prompts, needles)):
+            record_prompt_params(model, torch.tensor([p], device=device), self.artifact_dir,
+                                 f"d{cell['depth']}_L{cell['ctx_len']}_s{k}",
+                                 {"needle_position": needle, "ctx_len": cell["ctx_len"], "depth": cell["depth"],
+                                  "prompt_prefix_len": len(self.q_ids)})
 
     def summarize(self, records):
         depths = sorted({r["depth"] for r in records})
