@@ -186,7 +186,8 @@ class MambaLMHeadModel(nn.Module):
                 break
         if state is None:
             raise FileNotFoundError(f"checkpoint {name_or_path!r} has none of {WEIGHT_FILES}; pass {hint}")
-        model = cls(config, decimation_config=decimation_config, backend=backend)
+        with torch.random.fork_rng(devices=[]):      # the random init is overwritten: leave the caller's RNG alone
+            model = cls(config, decimation_config=decimation_config, backend=backend)
         if config.tie_embeddings:
             state.setdefault("lm_head.weight", state["backbone.embedding.weight"])
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -165,6 +165,15 @@ def test_save_load_round_trip(tmp_path, fmt):
     assert torch.equal(loaded(ids, num_last_tokens=2).logits, model(ids, num_last_tokens=2).logits)
 
 
+def test_from_pretrained_leaves_the_global_rng_alone(tmp_path):
+    make_pair()[0].save_pretrained(tmp_path)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    MambaLMHeadModel.from_pretrained(str(tmp_path))
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_tied_embeddings_round_trip(tmp_path):
     model = randomize(MambaLMHeadModel(tiny_config(tie_embeddings=True)))
     assert model.lm_head.weight is model.backbone.embedding.weight
