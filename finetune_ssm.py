@@ -267,7 +267,8 @@ def train(cfg, model, tok, task, run_dir, device, logger, resume_from=None, rank
         sched.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
         step, epoch, pos, best = state["step"], state["epoch"], state["pos"], state["best"]
-        print(f"resumed from {resume_from}: step {step}, epoch {epoch}, batch {pos}, best {best}")
+        if main_rank:
+            print(f"resumed from {resume_from}: step {step}, epoch {epoch}, batch {pos}, best {best}")
     elif cfg["recover_step"]:
         pos = cfg["recover_step"]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
