@@ -233,6 +233,9 @@ def _atomic_write(directory: str, name: str, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)            # mkstemp makes 0600 files; checkpoints are shared
         os.replace(tmp, os.path.join(directory, name))
     except BaseException:
         if os.path.exists(tmp):
