@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from models.mamba_lm import atomic_write
+
 
 def record_prompt_params(model, input_ids, directory: str, name: str, meta: dict) -> str:
     from safetensors.torch import save_file
@@ -30,12 +32,10 @@ def record_prompt_params(model, input_ids, directory: str, name: str, meta: dict
         if layer["kept_indices"] is not None:
             tensors[f"layer{i}.kept_indices"] = layer["kept_indices"][0].contiguous()
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f"params_{name}.safetensors")
+    fname = f"params_{name}.safetensors"
     meta = {**meta, "n_layer": len(out.debug_params), "prompt_tokens": int(input_ids.shape[1])}
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata={"meta": json.dumps(meta)})
-    os.replace(tmp, path)
-    return path
+    atomic_write(directory, fname, lambda p: save_file(tensors, p, metadata={"meta": json.dumps(meta)}))
+    return os.path.join(directory, fname)
 
 
 def load_recorded(path: str) -> tuple[list[dict], dict]:

@@ -204,8 +204,8 @@ class MambaLMHeadModel(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         if self.config.tie_embeddings:
             state.pop("lm_head.weight")
-        _atomic_write(save_dir, "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
-        _atomic_write(save_dir, "config.json",
+        atomic_write(save_dir, "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
+        atomic_write(save_dir, "config.json",
                       lambda p: open(p, "w").write(json.dumps(self.config.to_dict(), indent=2)))
 
     def num_parameters(self) -> int:
@@ -228,7 +228,8 @@ def _load_state_dict(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _atomic_write(directory: str, name: str, write) -> None:
+def atomic_write(directory: str, name: str, write) -> None:
+    """Write directory/name through ``write(tmp_path)``, then rename it into place (never half a file)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
     os.close(fd)
     try:
