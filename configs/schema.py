@@ -117,6 +117,7 @@ KEYS: list[Key] = [
     K("niah_noise_dataset", "str", "wikitext/wikitext-2-raw-v1", "haystack text: 'wikitext/<config>' (hub; bundled copy for test/validation) or a directory of wiki.<split>.raw files", original=False),
     K("niah_noise_split_train", "str", "train", "haystack split for training", original=False),
     K("niah_noise_split_eval", "str", "test", "haystack split for evaluation", original=False),
+    K("niah_context_len_train_curriculum", "list[int]?", None, "haystack tokens per epoch before niah_context_len_train (epoch i uses entry i; e.g. [256, 512, 1024]); null: none", lambda v: all(x > 0 for x in v), "each > 0", original=False),
     K("niah_samples_per_cell", "int", 1, "passkey samples per (depth, length) cell (the paper: 1)", _pos, "> 0", original=False),
     K("niah_depth_window", "float", 0.1, "needle lands within depth ± this", lambda v: 0 < v <= 0.5, "in (0, 0.5]", original=False),
     K("squad_train_source", "str", "rajpurkar/squad_v2:train", "'<hub id>:<split>' or a local SQuAD-format .json", original=False),

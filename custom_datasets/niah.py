@@ -125,9 +125,14 @@ class NiahTask(Task):
     def train_item(self, index: int, epoch: int) -> list[TrainChunk]:
         rng = np.random.default_rng(_seed(self.cfg["seed"], "train", epoch, index))
         code = self.train_codes[index]
-        context, _ = self.make_sample(self.train_corpus, code, self.cfg["niah_context_len_train"], None, rng)
+        context, _ = self.make_sample(self.train_corpus, code, self.train_context_len(epoch), None, rng)
         target = self.tok.encode(code) + [self.tok.eos_token_id]
         return [TrainChunk(self.q_ids + context + self.sep_ids + target, target)]
+
+    def train_context_len(self, epoch: int) -> int:
+        """niah_context_len_train, after an optional curriculum of shorter haystacks (one per epoch)."""
+        curriculum = self.cfg["niah_context_len_train_curriculum"] or []
+        return curriculum[epoch] if epoch < len(curriculum) else self.cfg["niah_context_len_train"]
 
     def eval_prompts(self, depth: float, length: int):
         """The cell's prompts (all of equal length), answers and needle positions."""

@@ -73,6 +73,12 @@ def test_passkey_training_item(tok):
     assert task.train_item(5, 0)[0].input_ids == chunk.input_ids != task.train_item(5, 1)[0].input_ids
 
 
+def test_passkey_training_curriculum(tok):
+    task = NiahTask(_niah_cfg(niah_context_len_train=400, niah_context_len_train_curriculum=[100, 200]), tok)
+    lens = [len(task.train_item(0, e)[0].input_ids) - 26 - len(task.train_item(0, e)[0].labels) for e in range(4)]
+    assert lens == [100, 200, 400, 400]
+
+
 @pytest.mark.parametrize("text,ok", [("12345<|endoftext|>", True), ("12345 is it", True), (" 12345", True),
                                      ("123456", False), ("1234 5", False), ("<|endoftext|>12345", False)])
 def test_passkey_scoring(tok, text, ok):
