@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session on the lent H200 machines, in steps that each fit a 10-minute command.
 #   bash benchmarks/gpu_session.sh tests bench          # build kernels if needed (~5.5 min), GPU tests, benchmarks
-#   bash benchmarks/gpu_session.sh passkey 420          # (same warm machine) train + evaluate the passkey models
+#   bash benchmarks/gpu_session.sh passkey 380          # (same warm machine) train + evaluate the passkey models
 # Expects: the kernel sources in .device/ (copied from the shared device folder; carried), nltk
 # as a wheel in .whl/ (carried); writes everything worth keeping under $OUT (or ./gpu_out).
 set -u
@@ -20,7 +20,7 @@ while [ $# -gt 0 ]; do
     bench) ensure_kernels
            timeout 200 python3 benchmarks/bench_gpu.py --out "$OUT/gpu_h200" --max-seconds 150 > "$OUT/bench.log" 2>&1 ;;
     passkey) shift; ensure_kernels
-           bash benchmarks/passkey_h200.sh /tmp/pk "${1:-420}"
+           bash benchmarks/passkey_h200.sh /tmp/pk "${1:-380}"
            (cd /tmp/pk && tar czf "$OLDPWD/$OUT/passkey_results.tgz" --exclude='*.safetensors' --exclude='training_state.pt' --exclude='tokenizer.json' .)
            for r in deci vanilla; do
              ck=$(ls -d /tmp/pk/$r/epoch_*_step_* | awk -F_ '{print $NF, $0}' | sort -n | tail -1 | cut -d' ' -f2)
