@@ -25,9 +25,11 @@ from modules import kernels
 
 # Elements of one (b, d, block, n) fp32 tensor per block. On CPU 4 MB blocks keep a block's
 # temporaries near the caches (measured on 2 cores: 2.3x faster than 64 MB blocks at 2K-16K
-# tokens); on a GPU, 64x larger blocks mean fewer kernel launches.
+# tokens). On a GPU the cost is kernel launches, about 2·sqrt(block) per block, so blocks grow
+# with free memory: one tensor may take 1/64 of it (a block holds about ten), at least 64x the CPU size.
 _BLOCK_ELEMS = 1 << 20
 _GPU_BLOCK_FACTOR = 64
+_GPU_MEMORY_SHARE = 64
 
 
 def _linear_scan(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
@@ -61,8 +63,12 @@ def _linear_scan(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) 
     return h.view(bsz, d, n_chunks * t_len, n)[:, :, :length]
 
 
-def _block_len(bsz: int, d: int, n: int, cuda: bool = False) -> int:
-    return max(64, _BLOCK_ELEMS * (_GPU_BLOCK_FACTOR if cuda else 1) // max(1, bsz * d * n))
+def _block_len(bsz: int, d: int, n: int, device=None) -> int:
+    elems = _BLOCK_ELEMS
+    if device is not None and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        elems = max(_BLOCK_ELEMS * _GPU_BLOCK_FACTOR, free // 4 // _GPU_MEMORY_SHARE)
+    return max(64, elems // max(1, bsz * d * n))
 
 
 class _ScanFn(torch.autograd.Function):
@@ -72,7 +78,7 @@ class _ScanFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, h0):
         bsz, d, length = u.shape
         n = A.shape[1]
-        blk = _block_len(bsz, d, n, u.is_cuda)
+        blk = _block_len(bsz, d, n, u.device)
         y = torch.empty_like(u)
         h_in = torch.zeros(bsz, d, n, dtype=u.dtype, device=u.device) if h0 is None else h0
         starts = list(range(0, length, blk))
