@@ -13,6 +13,7 @@ response tail is appended. This one function decides the kept set for every scan
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +44,13 @@ class DecimationConfig:
 
     def __post_init__(self):
         problems = []
+        # accept NumPy / torch scalars (e.g. np.int64 layer ids, np.inf) as plain Python numbers
+        self.decimating_layers = [_as_int(i) for i in (self.decimating_layers or [])]
+        self.min_seq_len = _as_int(self.min_seq_len)
+        if isinstance(self.beta, numbers.Real) and not isinstance(self.beta, bool):
+            self.beta = float(self.beta)
+        if isinstance(self.L_base, numbers.Real) and not isinstance(self.L_base, bool):
+            self.L_base = float(self.L_base) if math.isinf(float(self.L_base)) else self.L_base
         if self.type not in DECIMATION_TYPES:
             problems.append(f"type={self.type!r} is not valid; choose one of {DECIMATION_TYPES}")
         if not (isinstance(self.beta, (int, float)) and 0 < self.beta <= 1):
@@ -82,6 +90,14 @@ class DecimationConfig:
         bad = [i for i in self.decimating_layers if i >= n_layer]
         if bad:
             raise ValueError(f"decimating_layers {bad} are outside [0, {n_layer}) for this {n_layer}-layer model")
+
+
+def _as_int(v):
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        return int(v)
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point():
+        return int(v.item())
+    return v
 
 
 def num_kept(l_dec: int, s: int, beta: float, L_base: float, min_seq_len: int) -> int:

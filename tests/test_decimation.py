@@ -79,3 +79,13 @@ def test_config_rejects_unknown_keys_and_layers_out_of_range():
         DecimationConfig.from_any({"activate": True, "Lbase": 3})
     with pytest.raises(ValueError, match=r"outside \[0, 4\)"):
         DecimationConfig(activate=True, decimating_layers=[4]).check_layers(4)
+
+
+def test_config_accepts_numpy_scalars():
+    import numpy as np
+
+    cfg = DecimationConfig(activate=True, decimating_layers=[np.int64(3)], min_seq_len=np.int64(5),
+                           beta=np.float32(0.5), L_base=np.inf)
+    assert cfg.decimating_layers == [3] and type(cfg.decimating_layers[0]) is int
+    assert cfg.min_seq_len == 5 and cfg.beta == 0.5 and math.isinf(cfg.L_base)
+    assert cfg.decimates(3)
