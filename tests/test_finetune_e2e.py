@@ -123,3 +123,23 @@ def test_logging_without_wandb_installed_warns_and_still_logs(tmp_path, monkeypa
     with pytest.warns(UserWarning, match="wandb is not installed"):
         run = _run(tmp_path, "nowb", max_step=1, activate_logging=True, wandb_dir=str(tmp_path / "wandb"))
     assert [json.loads(x)["step"] for x in open(run / "train_log.jsonl")] == [0, 1]
+
+
+def test_squad_and_pg19_train_and_evaluate(tmp_path):
+    from custom_datasets.tokenize_pg19 import save_split
+    from tests.conftest import SHARED
+
+    squad = os.path.join(SHARED, "data", "squad_v2", "cs224n-split", "dev-v2.0.json")
+    if os.path.exists(squad):
+        run = _run(tmp_path, "squad", dataset="squad_retrieve", squad_train_source=squad, squad_eval_source=squad,
+                   eval_set_size=2, multidoc_num_noise_docs_eval=[3, 6], multidoc_num_noise_docs_train=2, max_step=2)
+        recs = [json.loads(x) for x in open(run / "results.jsonl")]
+        assert {r["num_docs"] for r in recs} == {3, 6} and {r["step"] for r in recs} == {0, 2}
+    books = [{"short_book_title": f"b{i}", "input_tokens": torch.randint(0, 50277, (1, 900))} for i in range(6)]
+    save_split(books, str(tmp_path / "pg19"), "test")
+    save_split(books, str(tmp_path / "pg19"), "train")
+    run = _run(tmp_path, "pg19", dataset="ppl_test", pg19_dir=str(tmp_path / "pg19"), ppl_test_context_lens_eval=[200, 400],
+               ppl_test_num_windows_per_context_len_eval=2, ppl_test_pred_len=20, ppl_test_context_len_train=120,
+               deci_num_chunks=2, max_step=2, grad_accum_steps=3)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["task"] == "ppl_test" and metrics["step"] == 2 and metrics["score"] > 1
