@@ -21,7 +21,7 @@ def _run(fn, inp, grads):
 
 
 @pytest.mark.parametrize("length", [1, 7, 64, 301])
-@pytest.mark.parametrize("block_elems", [None, 2 * 6 * 3 * 40])   # default blocks, or blocks of 40 tokens
+@pytest.mark.parametrize("block_elems", [None, 2 * 6 * 3 * 40])   # one block, or the 128-token floor (3 blocks at 301)
 def test_ref_equals_sequential_fp64(length, block_elems, monkeypatch):
     # fp64 isolates the algorithm from rounding: both must agree to ~1e-12.
     if block_elems:
