@@ -123,6 +123,7 @@ KEYS: list[Key] = [
     K("squad_train_source", "str", "rajpurkar/squad_v2:train", "'<hub id>:<split>' or a local SQuAD-format .json", original=False),
     K("squad_eval_source", "str", "rajpurkar/squad_v2:validation", "'<hub id>:<split>' or a local SQuAD-format .json", original=False),
     K("squad_index_dir", "str", "custom_datasets/multidoc_squad", "the original index arrays (.npy) for the hub splits", original=False),
+    K("multidoc_original_format", "bool", False, "the original's prompt end (a lone space token) and standalone labels (bug B5), to reproduce the released checkpoints' numbers", original=False),
     K("multidoc_dedup_noise", "bool", True, "never repeat a paragraph (or the golden one) as noise in a sample", original=False),
     K("pg19_dir", "str", "artifacts/ppl_test/pg19", "folder of {train,test}_set.pt written by custom_datasets/tokenize_pg19.py", original=False),
     K("ppl_test_max_books", "int?", None, "evaluate at most this many books (null: all)", _pos, "> 0", original=False),

@@ -11,7 +11,8 @@ evaluation see the same tokens (B5: the original tokenised the label without the
 sequence has, and ended the eval prompt with a lone space token); the golden slot of a training
 sample comes from its dataset index, not its position in the batch (B4); noise never repeats a
 paragraph or the golden one (L6, ``multidoc_dedup_noise``); every sample is deterministic, so
-evaluations are comparable and resumable.
+evaluations are comparable and resumable. ``multidoc_original_format`` restores the original
+prompt end and labels (B5) for reproducing the released checkpoints' numbers.
 
 Data: the hub's ``rajpurkar/squad_v2`` splits with the original index arrays, or a local
 SQuAD-format JSON (e.g. the stand-in dev file), for which the same kinds of arrays are drawn from
@@ -33,6 +34,10 @@ from custom_datasets.sources import REPO, load_hf_dataset
 DOC = " <|Query|> {q} <|Document {i}|> {doc}"
 PROMPT_END = " <|Answer|> <|Document"
 ANSWER = " {i}|>"
+# multidoc_original_format (reproducing the released checkpoints' numbers): the original eval
+# prompt ends with a lone space token and training labels are "{id}|>" tokenised on their own
+ORIGINAL_PROMPT_END = " <|Answer|> <|Document "
+ORIGINAL_LABEL = "{i}|>"
 EVAL_SPLIT_SEED = 111            # the original's train_test_split seed for the eval questions
 
 
@@ -123,6 +128,9 @@ class SquadRetrieveTask(Task):
         rng = random.Random(_seed(self.cfg["seed"], "squad-train", epoch, index))
         text, gid = self.build_docs(self.train_rows, self.train_idx, int(self.train_idx["has_answer"][index]),
                                     index, n, index * n, rng)
+        if self.cfg["multidoc_original_format"]:     # B5 as published: sequence and label tokenised apart
+            full = self.tok.encode(text + ORIGINAL_PROMPT_END.rstrip(" ") + " " + ORIGINAL_LABEL.format(i=gid))
+            return [TrainChunk(full, self.tok.encode(ORIGINAL_LABEL.format(i=gid)))]
         label = self.tok.encode(ANSWER.format(i=gid))
         return [TrainChunk(self.tok.encode(text + PROMPT_END) + label, label)]
 
@@ -130,11 +138,14 @@ class SquadRetrieveTask(Task):
     def eval_prompt(self, n: int, i: int):
         rng = random.Random(_seed(self.cfg["seed"], "squad-eval", n, i))
         text, gid = self.build_docs(self.eval_rows, self.eval_idx, int(self.eval_questions[i]), i, n, i * n, rng)
-        return self.tok.encode(text + PROMPT_END), gid
+        end = ORIGINAL_PROMPT_END if self.cfg["multidoc_original_format"] else PROMPT_END
+        return self.tok.encode(text + end), gid
 
-    @staticmethod
-    def score_response(text: str, gid: int) -> bool:
-        return text.split("|>")[0].strip() + "|>" == f"{gid}|>"
+    def score_response(self, text: str, gid: int) -> bool:
+        """Cut at the first "|>", re-append it, compare with "{id}|>" (the original rule); our
+        format's answer starts with a space, which is stripped; the original format's is not."""
+        head = text.split("|>")[0]
+        return (head if self.cfg["multidoc_original_format"] else head.strip()) + "|>" == f"{gid}|>"
 
     def eval_cells(self):
         return [{"num_docs": int(n)} for n in self.cfg["multidoc_num_noise_docs_eval"]]

@@ -123,12 +123,31 @@ def test_squad_eval_questions_and_slots_follow_the_original_arrays():
     assert [int(x) % 11 for x in r[:10]] == [0, 1, 10, 5, 5, 4, 10, 3, 10, 7]
 
 
+@pytest.mark.parametrize("original", [False, True])
 @pytest.mark.parametrize("resp,ok", [(" 527|>", True), ("527|> junk", True), (" 52|>", False), (" 527", True)])
-# " 527" counts: the original cuts at the first "|>" and re-appends it before comparing
-def test_squad_scoring(resp, ok):
+# " 527" counts: the original cuts at the first "|>" and re-appends it before comparing; with the
+# original format a leading space is wrong (the prompt already ends with the space token)
+def test_squad_scoring(resp, ok, original):
     from custom_datasets.squad_retrieve import SquadRetrieveTask
 
-    assert SquadRetrieveTask.score_response(resp, 527) is ok
+    task = SquadRetrieveTask.__new__(SquadRetrieveTask)
+    task.cfg = {"multidoc_original_format": original}
+    expect = ok and not (original and resp.startswith(" "))
+    assert task.score_response(resp, 527) is expect
+
+
+@needs_squad
+def test_squad_original_format(tok):
+    from custom_datasets.squad_retrieve import SquadRetrieveTask
+
+    cfg, _ = schema.load(None, {"dataset": "squad_retrieve", "squad_eval_source": SQUAD_FILE, "squad_train_source": SQUAD_FILE,
+                                "eval_set_size": 2, "multidoc_original_format": True})
+    task = SquadRetrieveTask(cfg, tok)
+    ids, gid = task.eval_prompt(10, 0)
+    assert ids[-1] == 209 and tok.decode(ids).endswith(" <|Answer|> <|Document ")   # the lone space token
+    (chunk,) = task.train_item(0, 0)
+    assert tok.decode(chunk.labels).endswith("|>") and not tok.decode(chunk.labels).startswith(" ")
+    assert tok.decode(chunk.input_ids).endswith("|>")
 
 
 class _Uniform(torch.nn.Module):
