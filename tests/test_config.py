@@ -96,6 +96,15 @@ def test_cli_bad_input_exit_2_without_traceback(args, needle):
     assert needle in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("text,needle", [("{not json", "not valid JSON"), ("[1, 2]", "top level must be a JSON object"),
+                                         ('{"mamba_arch": "vanilla", "decimating_layers": [3, 3]}', "decimating_layers=[3, 3]")])
+def test_cli_bad_config_files(tmp_path, text, needle):
+    p = tmp_path / "bad.json"
+    p.write_text(text)
+    r = cli("--config", str(p), "--dry-run")
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
+
+
 def test_cli_cuda_requested_without_cuda():
     import torch
 
