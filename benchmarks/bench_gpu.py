@@ -113,6 +113,34 @@ def streaming_rows(impls, args, rows, out):
     model.to("cpu")
 
 
+def grid_rows(impls, args, rows, out):
+    """Wall time of the passkey grid of eval preset 2 (5 depths x 1K-128K, data building included)."""
+    if time.time() > args.deadline:
+        return
+    from configs import schema
+    from custom_datasets.niah import NiahTask
+    from custom_datasets.sources import load_tokenizer
+
+    cfg, _ = schema.load(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                                      "eval_ssm_config_2.json"), device="cuda:0")
+    model = impls["ours_deci"].to("cuda", torch.float32).eval()
+    t = time.perf_counter()
+    task = NiahTask(cfg, load_tokenizer(cfg["tokenizer"]), train=False)
+    by_len = {}
+    for cell in task.eval_cells():
+        by_len.setdefault(cell["ctx_len"], []).append(cell)
+    with torch.no_grad():
+        for cells in by_len.values():
+            task.run_cells(model, cells, "cuda")
+    torch.cuda.synchronize()
+    secs = time.perf_counter() - t
+    model.to("cpu")
+    rows.append({"impl": "passkey_grid_eval2_ours_deci", "dtype": "float32", "tokens": sum(by_len) * 5,
+                 "seconds": round(secs, 2), "tok_per_s": round(sum(by_len) * 5 / secs)})
+    print(rows[-1], flush=True)
+    write_results(out, rows, COLS, "GPU prefill: tokens/s and peak memory")
+
+
 def hf_rows(cfg, args, rows, out):
     from transformers import MambaConfig as HFC, MambaForCausalLM
 
@@ -172,6 +200,7 @@ def main():
     impls, cfg = build(args)
     rows = []
     prefill_rows(impls, cfg, args, rows, args.out)
+    grid_rows(impls, args, rows, args.out)
     streaming_rows(impls, args, rows, args.out)
     train_rows(impls, args, rows, args.out)
     hf_rows(cfg, args, rows, args.out)
