@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import modules.mamba_mixer as mixer_mod  # noqa: E402
 from benchmarks.common import timeit, write_results  # noqa: E402
 from models import MambaConfig, MambaLMHeadModel  # noqa: E402
-from modules.selective_scan import selective_scan, selective_scan_sequential  # noqa: E402
+from modules.selective_scan import selective_scan_sequential  # noqa: E402
 
 
 def build(d_model, n_layer):
@@ -39,7 +39,7 @@ def build(d_model, n_layer):
     return ours, hf
 
 
-def run_case(name, model, ids, backward):
+def run_case(model, ids, backward):
     def fwd():
         with torch.set_grad_enabled(backward):
             out = model(ids)
@@ -81,7 +81,7 @@ def main():
                 if impl == "sequential":
                     mixer_mod.selective_scan = lambda *a, backend="auto", **k: selective_scan_sequential(*a, **k)
                 try:
-                    t = run_case(impl, model, ids, bw)
+                    t = run_case(model, ids, bw)
                 finally:
                     mixer_mod.selective_scan = orig
                 model.zero_grad(set_to_none=True)
@@ -97,7 +97,6 @@ def main():
                   "CPU: pure-PyTorch paths, seconds per call (lower is better)",
                   f"Model: {args.n_layer} layers, d_model {args.d_model}, d_state 16, batch 1, fp32, random weights. "
                   "Ratios > 1 mean ours is faster.")
-    assert selective_scan is not None
 
 
 if __name__ == "__main__":

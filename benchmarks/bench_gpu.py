@@ -92,8 +92,6 @@ def prefill_rows(impls, cfg, args, rows, out):
                 if r["tokens"] == length and r["dtype"] == dname and base and r["seconds"]:
                     r["ratio_vs_mamba_ssm"] = round(base / r["seconds"], 2)
             write_results(out, rows, COLS, "GPU prefill: tokens/s and peak memory")
-        if length <= 16384:
-            pass
 
 
 def streaming_rows(impls, args, rows, out):
@@ -173,8 +171,7 @@ def train_rows(impls, args, rows, out):
 
         def step():
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                kw = {"num_last_tokens": 8} if name != "mamba_ssm" else {"num_last_tokens": 8}
-                logits = model(ids, **kw).logits
+                logits = model(ids, num_last_tokens=8).logits
             F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, -7:].reshape(-1)).backward()
         t, mem = measure(step, reps=3)
         model.zero_grad(set_to_none=True)

@@ -6,6 +6,7 @@ a printed table and plots (drawn from the records only).
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 
@@ -53,6 +54,11 @@ class Task:
 
     def plot(self, records: list[dict], path: str, train_len: int | None = None) -> None:
         raise NotImplementedError
+
+
+def sample_seed(*parts) -> int:
+    """A stable seed from (run seed, purpose, indices): samples are pure functions of their position."""
+    return zlib.crc32(repr(parts).encode())
 
 
 def length_label(n: int) -> str:

@@ -16,12 +16,11 @@ are drawn the same way (uniform integers 0..99999, no zero padding) from fixed s
 from __future__ import annotations
 
 import random
-import zlib
 
 import numpy as np
 import torch
 
-from custom_datasets.base import Task, TrainChunk, length_label, pretty_table
+from custom_datasets.base import Task, TrainChunk, length_label, pretty_table, sample_seed
 from custom_datasets.sources import wikitext_rows
 
 QUESTION = "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it:\n"
@@ -35,10 +34,6 @@ N_CODES = 10_000
 def passkey_codes(split: str) -> list[str]:
     rng = random.Random(f"decimamba-passkey-codes-{split}")
     return [str(rng.randint(0, 99_999)) for _ in range(N_CODES)]
-
-
-def _seed(*parts) -> int:
-    return zlib.crc32(repr(parts).encode())
 
 
 class SentenceCorpus:
@@ -123,7 +118,7 @@ class NiahTask(Task):
         return len(self.train_codes)
 
     def train_item(self, index: int, epoch: int) -> list[TrainChunk]:
-        rng = np.random.default_rng(_seed(self.cfg["seed"], "train", epoch, index))
+        rng = np.random.default_rng(sample_seed(self.cfg["seed"], "train", epoch, index))
         code = self.train_codes[index]
         context, _ = self.make_sample(self.train_corpus, code, self.train_context_len(epoch), None, rng)
         target = self.tok.encode(code) + [self.tok.eos_token_id]
@@ -138,7 +133,7 @@ class NiahTask(Task):
         """The cell's prompts (all of equal length), answers and needle positions."""
         prompts, answers, needles = [], [], []
         for k in range(self.cfg["niah_samples_per_cell"]):
-            rng = np.random.default_rng(_seed(self.cfg["seed"], "eval", float(depth), int(length), k))
+            rng = np.random.default_rng(sample_seed(self.cfg["seed"], "eval", float(depth), int(length), k))
             code = self.test_codes[int(rng.integers(0, len(self.test_codes)))]
             context, needle = self.make_sample(self.eval_corpus, code, length, depth, rng)
             prompts.append(self.q_ids + context + self.sep_ids)

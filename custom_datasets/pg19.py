@@ -21,8 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from custom_datasets.base import Task, TrainChunk, length_label, pretty_table
-from custom_datasets.niah import _seed
+from custom_datasets.base import Task, TrainChunk, length_label, pretty_table, sample_seed
 
 EVAL_BATCH = 8
 
@@ -56,7 +55,7 @@ class PG19Task(Task):
     def train_item(self, index: int, epoch: int) -> list[TrainChunk]:
         tokens = self.train_books[index]["input_tokens"][0].tolist()
         w = self.cfg["ppl_test_context_len_train"]
-        start = random.Random(_seed(self.cfg["seed"], "pg19", epoch, index)).randint(0, max(0, len(tokens) - w))
+        start = random.Random(sample_seed(self.cfg["seed"], "pg19", epoch, index)).randint(0, max(0, len(tokens) - w))
         window = tokens[start:start + w]
         c_len = len(window) // self.chunks
         out = []

@@ -27,8 +27,7 @@ import random
 import numpy as np
 import torch
 
-from custom_datasets.base import Task, TrainChunk, pretty_table
-from custom_datasets.niah import _seed
+from custom_datasets.base import Task, TrainChunk, pretty_table, sample_seed
 from custom_datasets.sources import REPO, load_hf_dataset
 
 DOC = " <|Query|> {q} <|Document {i}|> {doc}"
@@ -125,7 +124,7 @@ class SquadRetrieveTask(Task):
 
     def train_item(self, index: int, epoch: int) -> list[TrainChunk]:
         n = self.cfg["multidoc_num_noise_docs_train"]
-        rng = random.Random(_seed(self.cfg["seed"], "squad-train", epoch, index))
+        rng = random.Random(sample_seed(self.cfg["seed"], "squad-train", epoch, index))
         text, gid = self.build_docs(self.train_rows, self.train_idx, int(self.train_idx["has_answer"][index]),
                                     index, n, index * n, rng)
         if self.cfg["multidoc_original_format"]:     # B5 as published: sequence and label tokenised apart
@@ -136,7 +135,7 @@ class SquadRetrieveTask(Task):
 
     # ------------------------------------------------------------------ evaluation
     def eval_prompt(self, n: int, i: int):
-        rng = random.Random(_seed(self.cfg["seed"], "squad-eval", n, i))
+        rng = random.Random(sample_seed(self.cfg["seed"], "squad-eval", n, i))
         text, gid = self.build_docs(self.eval_rows, self.eval_idx, int(self.eval_questions[i]), i, n, i * n, rng)
         end = ORIGINAL_PROMPT_END if self.cfg["multidoc_original_format"] else PROMPT_END
         return self.tok.encode(text + end), gid

@@ -105,8 +105,8 @@ def streaming_prefill(model, input_ids, chunk_size: int = 65536, num_last_tokens
                     residual = gather_tokens(residual, keep, 1)
                 kept.append((i, keep[0] if bsz == 1 else keep))
     if not dec.activate:                                     # listed layers report every position
-        kept = [(i, torch.arange(length, device=input_ids.device).expand(bsz, -1).squeeze(0) if bsz == 1
-                 else torch.arange(length, device=input_ids.device).expand(bsz, -1)) for i in sorted(dec.decimating_layers)]
+        every = torch.arange(length, device=input_ids.device)
+        kept = [(i, every if bsz == 1 else every.expand(bsz, -1)) for i in sorted(dec.decimating_layers)]
     hidden = bb._final_norm(hidden, residual)
     if num_last_tokens > 0:
         hidden = hidden[:, -num_last_tokens:]

@@ -139,5 +139,6 @@ def gather_tokens(x: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor
     """Select positions ``keep`` (b, k) along ``dim`` of a batch-first tensor x."""
     shape = [1] * x.dim()
     shape[0], shape[dim] = keep.shape
-    idx = keep.view(shape).expand(*[x.shape[i] if i not in (0, dim) else keep.shape[0 if i == 0 else 1] for i in range(x.dim())])
-    return x.gather(dim, idx)
+    size = list(x.shape)
+    size[dim] = keep.shape[1]
+    return x.gather(dim, keep.view(shape).expand(size))

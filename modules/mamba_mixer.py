@@ -76,23 +76,24 @@ class MambaMixer(nn.Module):
         on_kernels = kernels.use_kernels(self.backend, hidden)
         if (on_kernels and self.use_fast_path and cache is None and not record
                 and not decimation.decimates(self.layer_idx)):
-            bsz, length, _ = hidden.shape
             return kernels.mamba_inner_fn(
                 self._in_proj(hidden), self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
                 self.dt_proj.weight, self.out_proj.weight, self.out_proj.bias, -torch.exp(self.A_log.float()),
                 None, None, self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True), None, None
         x, dt, B, C, z = self.project(hidden, cache)                                        # steps 1-3a
-        keep = None
-        if decimation.decimates(self.layer_idx) or record:                                  # 3b: (b, e, l)
-            keep = kept_indices(self.delta(dt), resp_len, self.layer_idx, decimation)       # 3c: (b, l')
+        keep = delta = None
+        if decimation.decimates(self.layer_idx) or record:
+            delta = self.delta(dt)                                                          # 3b: (b, e, l)
+            keep = kept_indices(delta, resp_len, self.layer_idx, decimation)                # 3c: (b, l')
         if keep is not None and keep.shape[1] < hidden.shape[1]:
             x, dt, z = (gather_tokens(t, keep, 2) for t in (x, dt, z))                      # (b, e, l')
             B, C = gather_tokens(B, keep, 2), gather_tokens(C, keep, 2)                     # (b, n, l')
+            delta = gather_tokens(delta, keep, 2)
         out = self.scan(x, dt, B, C, z, cache)                                              # steps 3d-4
         debug = None
         if record:
             debug = {"A": -torch.exp(self.A_log.float()).detach().cpu(), "B": B.detach().float().cpu(),
-                     "C": C.detach().float().cpu(), "delta": self.delta(dt).detach().cpu()}
+                     "C": C.detach().float().cpu(), "delta": delta.detach().cpu()}
         return out, keep, debug
 
     def _in_proj(self, hidden):
