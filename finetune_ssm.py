@@ -18,7 +18,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -247,7 +249,37 @@ def find_deci_layer(task, model, cfg, run_dir, device):
     cfg["decimating_layers"] = [pick]
 
 
+class StopRequest:
+    """SIGTERM / SIGINT ask the loop to stop after the current step and save a resumable
+    checkpoint (preemption, a scheduler's time limit, Ctrl-C); a second signal stops at once."""
+
+    def __init__(self):
+        self.requested, self._old = False, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"signal {signal.Signals(signum).name}: stopping after this step (checkpoint saved); again to stop now",
+              flush=True)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
 def train(cfg, model, tok, task, run_dir, device, logger, resume_from=None, rank=0, world=1):
+    with StopRequest() as stop:
+        return _train(cfg, model, tok, task, run_dir, device, logger, resume_from, rank, world, stop)
+
+
+def _train(cfg, model, tok, task, run_dir, device, logger, resume_from, rank, world, stop):
     """The optimisation loop; with world > 1, ``model`` is DDP-wrapped and only rank 0 evaluates,
     logs and saves."""
     from concurrent.futures import ThreadPoolExecutor
@@ -298,9 +330,10 @@ def train(cfg, model, tok, task, run_dir, device, logger, resume_from=None, rank
             step += 1
             stats.update(grad_norm=float(norm), lr=sched.get_last_lr()[0], epoch=epoch,
                          wall_s=round(time.time() - t_start, 3))
-            if cfg["max_train_seconds"] is not None:
-                flag = _all_sum([float(time.time() - t_start > cfg["max_train_seconds"])], device, world)[0]
-                time_up = flag > 0
+            over = cfg["max_train_seconds"] is not None and time.time() - t_start > cfg["max_train_seconds"]
+            time_up = over or stop.requested
+            if world > 1:                              # every rank stops at the same step
+                time_up = _all_sum([float(time_up)], device, world)[0] > 0
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", gnorm=f"{float(norm):.2f}")
             if main_rank and step % cfg["eval_steps"] == 0:
@@ -318,7 +351,8 @@ def train(cfg, model, tok, task, run_dir, device, logger, resume_from=None, rank
             if world > 1 and (step % cfg["eval_steps"] == 0 or step % cfg["save_steps"] == 0 or time_up):
                 torch.distributed.barrier()
             if time_up:
-                print(f"max_train_seconds={cfg['max_train_seconds']} reached at step {step}; checkpoint saved")
+                why = "stop requested" if stop.requested else f"max_train_seconds={cfg['max_train_seconds']} reached"
+                print(f"{why} at step {step}; checkpoint saved (continue with --resume {run_dir})")
                 total = step
                 break
         epoch, pos = epoch + 1, 0

@@ -162,6 +162,33 @@ def hf_rows(cfg, args, rows, out):
             write_results(out, rows, COLS, "GPU prefill: tokens/s and peak memory")
 
 
+def profile_rows(impls, args, out):
+    """Where the time goes: CUDA kernel time by kernel, one bf16 prefill at --profile-len tokens,
+    for each model on the kernel path (torch.profiler; written to <out>_profile.md)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(0, 50277, (1, args.profile_len), device="cuda")
+    parts = [f"# CUDA time by kernel, bf16 prefill of {args.profile_len} tokens (batch 1)", ""]
+    for name in ("ours_vanilla", "ours_deci", "mamba_ssm"):
+        if name not in impls or time.time() > args.deadline:
+            continue
+        model = impls[name].to("cuda", torch.bfloat16).eval()
+        with torch.no_grad():
+            model(ids, num_last_tokens=1)
+            sync()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                model(ids, num_last_tokens=1)
+                sync()
+        model.to("cpu")
+        torch.cuda.empty_cache()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
+        parts += [f"## {name}", "", "```", table, "```", ""]
+        with open(out + "_profile.md.tmp", "w") as f:
+            f.write("\n".join(parts))
+        os.replace(out + "_profile.md.tmp", out + "_profile.md")
+        print(f"profiled {name}", flush=True)
+
+
 def train_rows(impls, args, rows, out):
     for name in ("ours_vanilla", "ours_deci", "mamba_ssm"):
         if name not in impls or time.time() > args.deadline:
@@ -191,16 +218,22 @@ def main():
     ap.add_argument("--stream-lengths", type=int, nargs="*", default=[1048576, 10485760])
     ap.add_argument("--chunk", type=int, default=65536)
     ap.add_argument("--out", default="benchmarks/results/gpu_h200")
+    ap.add_argument("--profile-len", type=int, default=131072, help="prompt length of the profiled prefill (0: none)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["prefill", "grid", "streaming", "train", "hf", "profile"])
     args = ap.parse_args()
     args.deadline = time.time() + args.max_seconds
     print(f"kernels importable: {HAS_KERNELS}")
     impls, cfg = build(args)
     rows = []
-    prefill_rows(impls, cfg, args, rows, args.out)
-    grid_rows(impls, args, rows, args.out)
-    streaming_rows(impls, args, rows, args.out)
-    train_rows(impls, args, rows, args.out)
-    hf_rows(cfg, args, rows, args.out)
+    steps = [("prefill", lambda: prefill_rows(impls, cfg, args, rows, args.out)),
+             ("profile", lambda: args.profile_len and profile_rows(impls, args, args.out)),
+             ("grid", lambda: grid_rows(impls, args, rows, args.out)),
+             ("streaming", lambda: streaming_rows(impls, args, rows, args.out)),
+             ("train", lambda: train_rows(impls, args, rows, args.out)),
+             ("hf", lambda: hf_rows(cfg, args, rows, args.out))]
+    for name, step in steps:
+        if name not in args.skip:
+            step()
     write_results(args.out, rows, COLS, "GPU prefill: tokens/s and peak memory",
                   f"Model: {args.n_layer} layers, d_model {args.d_model} (mamba-130m shape), random weights, batch 1 "
                   "prefill to the last token's logits; ours_deci decimates at layer n_layer/2 with L_base 2000. "

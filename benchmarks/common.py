@@ -29,7 +29,7 @@ def git_rev() -> str:
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("GIT_REV", "unknown")     # copies without .git (the GPU machine) pass it in
 
 
 def timeit(fn, repeats=3, warmup=1, sync=None) -> float:

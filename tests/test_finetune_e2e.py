@@ -39,6 +39,31 @@ def test_train_eval_then_resume_equals_uninterrupted(tmp_path):
     assert loaded.config.n_layer == 3
 
 
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tmp_path, monkeypatch):
+    import signal
+
+    straight = _run(tmp_path, "straight", max_step=4, eval_steps=100, save_steps=100)
+    real_step = finetune_ssm.train_step
+    calls = []
+
+    def step_then_signal(*a, **k):           # SIGTERM arrives during step 2
+        out = real_step(*a, **k)
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(finetune_ssm, "train_step", step_then_signal)
+    stopped = _run(tmp_path, "stopped", max_step=4, eval_steps=100, save_steps=100)
+    monkeypatch.setattr(finetune_ssm, "train_step", real_step)
+    assert len(calls) == 2 and (stopped / "epoch_0_step_2" / "training_state.pt").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL           # handler removed after training
+    assert finetune_ssm.main(["--resume", str(stopped)]) == 0
+    a = load_file(straight / "epoch_0_step_4" / "model.safetensors")
+    b = load_file(stopped / "epoch_0_step_4" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_eval_resumes_by_skipping_recorded_cells(tmp_path, capsys):
     ck = tmp_path / "ck"
     DecimatingMambaModel(MambaConfig(d_model=16, n_layer=2, vocab_size=50277)).save_pretrained(str(ck))

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# One 10-minute command on nvidia-h200-x4 that overlaps the CPU-bound kernel build with GPU work:
+#   GPU 0, 1  train the small DeciMamba / vanilla passkey models at once, on the torch path while the
+#             kernels build, then (SIGTERM -> checkpoint -> --resume) on the kernel path;
+#   GPU 2     GPU tests once the kernels are in;      GPU 3  benchmarks (+ profile) once they are in;
+#   then      passkey grids 1K..1M x 5 depths x 5 samples of both models (and vanilla + decimation).
+#   OUT=... bash benchmarks/gpu_x4_round.sh [TRAIN_END_S=430] [END_S=560]
+# A second call on the still-warm machine continues: bash benchmarks/gpu_x4_round.sh --more SECONDS
+# EXTRA_SET='--set k=v ...' is added to every run (e.g. a CPU dry run of this script).
+# Expects .device/ (kernel sources + build script) and .whl/ (nltk wheel), both carried.
+set -u
+OUT=${OUT:-gpu_out}; L=$OUT/logs; PK=${PK:-/tmp/pk}; mkdir -p "$L" "$PK"
+T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=/tmp/site:$PWD TOKENIZERS_PARALLELISM=false
+python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl
+have_kernels() { python3 -c 'import torch, selective_scan_cuda, causal_conv1d_cuda' 2>/dev/null; }
+MORE=0; [ "${1:-}" = "--more" ] && { MORE=1; shift; }
+TRAIN_END=${1:-430}; END=${2:-560}
+LENS='[1000,2000,4000,8000,16000,32000,64000,128000,256000,512000,1048576]'
+
+train_bg() {  # name gpu args... ; the python pid goes to PID (no subshell: it stays our child)
+  local n=$1 g=$2; shift 2
+  CUDA_VISIBLE_DEVICES=$g python3 finetune_ssm.py "$@" ${EXTRA_SET:-} >> "$PK/${n}_train.log" 2>&1 &
+  PID=$!
+}
+resume_or_start() {  # name gpu seconds
+  if ls -d "$PK/$1"/epoch_*_step_* >/dev/null 2>&1; then
+    train_bg "$1" "$2" --resume "$PK/$1" --set max_train_seconds="$3"
+  else
+    train_bg "$1" "$2" --config "configs/passkey_small_$1.json" --run-name "$1" --set output_dir=$PK --set max_train_seconds="$3"
+  fi
+}
+last() { ls -d "$PK/$1"/epoch_*_step_* | awk -F_ '{print $NF, $0}' | sort -n | tail -1 | cut -d' ' -f2; }
+
+if [ $MORE = 0 ]; then
+  nvidia-smi -L > "$L/gpus.txt"
+  (MAX_JOBS=${MAX_JOBS:-48} bash .device/build_kernels.sh .device > "$L/build.log" 2>&1
+   echo "build ended at $(el) s" >> "$L/build.log") & BUILD=$!
+  have_kernels && echo "kernels already there"
+  resume_or_start deci 0 $TRAIN_END; P0=$PID; resume_or_start vanilla 1 $TRAIN_END; P1=$PID
+  wait $BUILD
+  echo "build done at $(el) s" >> "$L/timeline.txt"
+  if have_kernels && [ $(( TRAIN_END - $(el) )) -gt 60 ]; then      # switch the trainers to the kernel path
+    kill -TERM $P0 $P1; wait $P0 $P1
+    echo "trainers stopped at $(el) s" >> "$L/timeline.txt"
+    resume_or_start deci 0 $(( TRAIN_END - $(el) )); P0=$PID; resume_or_start vanilla 1 $(( TRAIN_END - $(el) )); P1=$PID
+  fi
+  if have_kernels; then
+    (CUDA_VISIBLE_DEVICES=2 timeout $(( END - 60 - $(el) )) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -rA \
+       > "$L/gpu_tests_h200.log" 2>&1; echo "pytest rc $?" >> "$L/gpu_tests_h200.log") &
+    BS=$(( END - 90 - $(el) )); [ $BS -gt 240 ] && BS=240
+    CUDA_VISIBLE_DEVICES=3 timeout $(( BS + 30 )) python3 benchmarks/bench_gpu.py --out "$L/gpu_h200" --max-seconds $BS \
+      > "$L/bench.log" 2>&1 &
+  fi
+  wait $P0 $P1
+else   # a second call: train on for SECONDS (if asked), then evaluate
+  if [ "$TRAIN_END" -gt 0 ]; then
+    resume_or_start deci 0 $TRAIN_END; P0=$PID; resume_or_start vanilla 1 $TRAIN_END; P1=$PID; wait $P0 $P1
+  fi
+fi
+echo "training ended at $(el) s" >> "$L/timeline.txt"
+grid="--set eval_mode=true --set niah_samples_per_cell=5 --set niah_context_lens_eval=$LENS --set output_dir=$PK"
+EV=eval; [ $MORE = 1 ] && EV=eval2
+ev() {  # run-name gpu config checkpoint
+  CUDA_VISIBLE_DEVICES=$2 timeout $(( END - 25 - $(el) )) python3 finetune_ssm.py --config "configs/passkey_small_$3.json" \
+    --run-name "$1" --set load_cp="$4" $grid ${EXTRA_SET:-} > "$PK/$1.log" 2>&1
+}
+ev ${EV}_deci 0 deci "$(last deci)" & ev ${EV}_vanilla 1 vanilla "$(last vanilla)" &
+ev ${EV}_vanilla_plus_deci 2 deci "$(last vanilla)" &
+wait
+echo "evaluations ended at $(el) s" >> "$L/timeline.txt"
+rm -rf "$PK"/export_*
+python3 tools/export_checkpoint.py "$(last deci)" "$PK/export_deci" > "$L/export.log" 2>&1
+python3 tools/export_checkpoint.py "$(last vanilla)" "$PK/export_vanilla" >> "$L/export.log" 2>&1
+tar czf "$OUT/passkey.tgz" -C "$(dirname $PK)" --exclude='*/epoch_*' --exclude='*/best_model' "$(basename $PK)"
+tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$L"
+ls -l /tmp/wheels > "$OUT/wheels.txt" 2>/dev/null
+echo "done at $(el) s"
