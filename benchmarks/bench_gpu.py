@@ -226,11 +226,11 @@ def main():
     impls, cfg = build(args)
     rows = []
     steps = [("prefill", lambda: prefill_rows(impls, cfg, args, rows, args.out)),
+             ("hf", lambda: hf_rows(cfg, args, rows, args.out)),
+             ("streaming", lambda: streaming_rows(impls, args, rows, args.out)),
              ("profile", lambda: args.profile_len and profile_rows(impls, args, args.out)),
              ("grid", lambda: grid_rows(impls, args, rows, args.out)),
-             ("streaming", lambda: streaming_rows(impls, args, rows, args.out)),
-             ("train", lambda: train_rows(impls, args, rows, args.out)),
-             ("hf", lambda: hf_rows(cfg, args, rows, args.out))]
+             ("train", lambda: train_rows(impls, args, rows, args.out))]
     for name, step in steps:
         if name not in args.skip:
             step()

@@ -26,10 +26,12 @@ def machine() -> str:
 
 
 def git_rev() -> str:
+    if os.environ.get("GIT_REV"):       # copies without the right .git (the GPU machine) pass it in
+        return os.environ["GIT_REV"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("GIT_REV", "unknown")     # copies without .git (the GPU machine) pass it in
+        return "unknown"
 
 
 def timeit(fn, repeats=3, warmup=1, sync=None) -> float:

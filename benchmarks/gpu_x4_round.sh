@@ -6,7 +6,7 @@
 #   then      passkey grids 1K..1M x 5 depths x 5 samples of both models (and vanilla + decimation).
 #   OUT=... bash benchmarks/gpu_x4_round.sh [TRAIN_END_S=430] [END_S=560]
 # A second call on the still-warm machine continues: bash benchmarks/gpu_x4_round.sh --more SECONDS
-# EXTRA_SET='--set k=v ...' is added to every run (e.g. a CPU dry run of this script).
+# BENCH_ARGS are passed to bench_gpu.py; EXTRA_SET='--set k=v ...' is added to every run (e.g. a CPU dry run of this script).
 # Expects .device/ (kernel sources + build script) and .whl/ (nltk wheel), both carried.
 set -u
 OUT=${OUT:-gpu_out}; L=$OUT/logs; PK=${PK:-/tmp/pk}; mkdir -p "$L" "$PK"
@@ -49,7 +49,7 @@ if [ $MORE = 0 ]; then
     (CUDA_VISIBLE_DEVICES=2 timeout $(( END - 60 - $(el) )) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -rA \
        > "$L/gpu_tests_h200.log" 2>&1; echo "pytest rc $?" >> "$L/gpu_tests_h200.log") &
     BS=$(( END - 90 - $(el) )); [ $BS -gt 240 ] && BS=240
-    CUDA_VISIBLE_DEVICES=3 timeout $(( BS + 30 )) python3 benchmarks/bench_gpu.py --out "$L/gpu_h200" --max-seconds $BS \
+    CUDA_VISIBLE_DEVICES=3 timeout $(( BS + 30 )) python3 benchmarks/bench_gpu.py --out "$L/gpu_h200" --max-seconds $BS ${BENCH_ARGS:-} \
       > "$L/bench.log" 2>&1 &
   fi
   wait $P0 $P1
@@ -72,7 +72,9 @@ echo "evaluations ended at $(el) s" >> "$L/timeline.txt"
 rm -rf "$PK"/export_*
 python3 tools/export_checkpoint.py "$(last deci)" "$PK/export_deci" > "$L/export.log" 2>&1
 python3 tools/export_checkpoint.py "$(last vanilla)" "$PK/export_vanilla" >> "$L/export.log" 2>&1
-tar czf "$OUT/passkey.tgz" -C "$(dirname $PK)" --exclude='*/epoch_*' --exclude='*/best_model' "$(basename $PK)"
+P=$(basename $PK)   # files come back at <= 16 MiB each: results and each exported model apart
+tar czf "$OUT/pk_results.tgz" -C "$(dirname $PK)" --exclude='*/epoch_*' --exclude='*/best_model' --exclude='*/export_*' "$P"
+for r in deci vanilla; do tar czf "$OUT/pk_$r.tgz" -C "$(dirname $PK)" "$P/export_$r"; done
 tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$L"
 ls -l /tmp/wheels > "$OUT/wheels.txt" 2>/dev/null
 echo "done at $(el) s"

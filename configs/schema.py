@@ -119,6 +119,7 @@ KEYS: list[Key] = [
     K("niah_noise_split_eval", "str", "test", "haystack split for evaluation", original=False),
     K("niah_context_len_train_curriculum", "list[int]?", None, "haystack tokens per epoch before niah_context_len_train (epoch i uses entry i; e.g. [256, 512, 1024]); null: none", lambda v: all(x > 0 for x in v), "each > 0", original=False),
     K("niah_samples_per_cell", "int", 1, "passkey samples per (depth, length) cell (the paper: 1)", _pos, "> 0", original=False),
+    K("niah_answer_as_in_context", "bool", False, "train on the key's tokens as they appear in the haystack (' 7','14','32') instead of the original's standalone encoding ('714','32'): a pure copy, learnable from scratch; scoring is unchanged", None, "", original=False),
     K("niah_depth_window", "float", 0.1, "needle lands within depth ± this", lambda v: 0 < v <= 0.5, "in (0, 0.5]", original=False),
     K("squad_train_source", "str", "rajpurkar/squad_v2:train", "'<hub id>:<split>' or a local SQuAD-format .json", original=False),
     K("squad_eval_source", "str", "rajpurkar/squad_v2:validation", "'<hub id>:<split>' or a local SQuAD-format .json", original=False),
