@@ -5,14 +5,14 @@
 Prefill = one forward of a batch-1 prompt to the last token's logits. Rows: our vanilla model and
 our DeciMamba model (decimating layer 12, L_base 2000, as the passkey preset) on the kernel path;
 mamba-ssm's own MambaLMHeadModel when importable; our torch-only path (<= 16K);
-transformers' MambaForCausalLM slow path and its mambapy scan (<= 16K). Tokens/s and peak GPU
+transformers' MambaForCausalLM slow path and its mambapy scan (<= 16K, in a separate process
+without mamba-ssm: bench_hf_mamba.py). Tokens/s and peak GPU
 memory, fp32 and bf16. Then a training step (batch 8 x 2K, bf16 autocast). Results are written
 after every row, so a time-out keeps what was measured.
 """
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -140,26 +140,30 @@ def grid_rows(impls, args, rows, out):
 
 
 def hf_rows(cfg, args, rows, out):
-    from transformers import MambaConfig as HFC, MambaForCausalLM
+    """transformers' slow path and mambapy scan, in a process where mamba-ssm cannot load (in this
+    one transformers would silently use mamba-ssm's kernel: bench_hf_mamba.py)."""
+    import json
+    import subprocess
 
-    hf = MambaForCausalLM(HFC(vocab_size=cfg.padded_vocab_size, hidden_size=cfg.d_model, state_size=16,
-                              num_hidden_layers=cfg.n_layer, expand=2, conv_kernel=4, use_bias=False,
-                              use_conv_bias=True, time_step_rank=math.ceil(cfg.d_model / 16),
-                              tie_word_embeddings=False)).cuda().eval()
-    for mambapy in (False, True):
-        hf.config.use_mambapy = mambapy
-        for layer in hf.backbone.layers:
-            layer.mixer.use_mambapy = mambapy
-        for length in (2048, 16384):
-            if time.time() > args.deadline:
-                return
-            ids = torch.randint(0, 50277, (1, length), device="cuda")
-            with torch.no_grad():
-                t, mem = measure(lambda: hf(ids, logits_to_keep=1), reps=1)
-            rows.append({"impl": "transformers_mambapy" if mambapy else "transformers_slow", "dtype": "float32",
-                         "tokens": length, "seconds": t, "peak_GB": mem, "tok_per_s": None if t is None else round(length / t)})
-            print(rows[-1], flush=True)
-            write_results(out, rows, COLS, "GPU prefill: tokens/s and peak memory")
+    left = int(args.deadline - time.time())
+    if left < 10:
+        return
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_hf_mamba.py")
+    cmd = [sys.executable, script, "--lengths", "2048", "16384", "--d-model", str(cfg.d_model),
+           "--n-layer", str(cfg.n_layer), "--max-seconds", str(left)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=left + 60)
+    except subprocess.TimeoutExpired:
+        return
+    for line in res.stdout.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            if "tokens" in row:
+                rows.append({k: row.get(k) for k in COLS})
+            print(row, flush=True)
+    if res.returncode:
+        print(res.stderr[-2000:], flush=True)
+    write_results(out, rows, COLS, "GPU prefill: tokens/s and peak memory")
 
 
 def profile_rows(impls, args, out):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One 10-minute command on nvidia-h200-x4 that overlaps the CPU-bound kernel build with GPU work:
+# One 10-minute command on nvidia-h200-x4 (fewer GPUs work too, shared) that overlaps the CPU-bound kernel build with GPU work:
 #   GPU 0, 1  train the small DeciMamba / vanilla passkey models at once, on the torch path while the
 #             kernels build, then (SIGTERM -> checkpoint -> --resume) on the kernel path;
 #   GPU 2     GPU tests once the kernels are in;      GPU 3  benchmarks (+ profile) once they are in;
@@ -13,6 +13,8 @@ OUT=${OUT:-gpu_out}; L=$OUT/logs; PK=${PK:-/tmp/pk}; mkdir -p "$L" "$PK"
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=/tmp/site:$PWD TOKENIZERS_PARALLELISM=false
 python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl
+NG=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$NG" -gt 0 ] || NG=1
+gpu() { echo $(( $1 % NG )); }   # fewer than 4 GPUs: jobs share them (benchmarks then share with training)
 have_kernels() { python3 -c 'import torch, selective_scan_cuda, causal_conv1d_cuda' 2>/dev/null; }
 MORE=0; [ "${1:-}" = "--more" ] && { MORE=1; shift; }
 TRAIN_END=${1:-430}; END=${2:-560}
@@ -20,7 +22,7 @@ LENS='[1000,2000,4000,8000,16000,32000,64000,128000,256000,512000,1048576]'
 
 train_bg() {  # name gpu args... ; the python pid goes to PID (no subshell: it stays our child)
   local n=$1 g=$2; shift 2
-  CUDA_VISIBLE_DEVICES=$g python3 finetune_ssm.py "$@" ${EXTRA_SET:-} >> "$PK/${n}_train.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=$(gpu $g) python3 finetune_ssm.py "$@" ${EXTRA_SET:-} >> "$PK/${n}_train.log" 2>&1 &
   PID=$!
 }
 resume_or_start() {  # name gpu seconds
@@ -46,10 +48,10 @@ if [ $MORE = 0 ]; then
     resume_or_start deci 0 $(( TRAIN_END - $(el) )); P0=$PID; resume_or_start vanilla 1 $(( TRAIN_END - $(el) )); P1=$PID
   fi
   if have_kernels; then
-    (CUDA_VISIBLE_DEVICES=2 timeout $(( END - 60 - $(el) )) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -rA \
+    (CUDA_VISIBLE_DEVICES=$(gpu 2) timeout $(( END - 60 - $(el) )) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -rA \
        > "$L/gpu_tests_h200.log" 2>&1; echo "pytest rc $?" >> "$L/gpu_tests_h200.log") &
     BS=$(( END - 90 - $(el) )); [ $BS -gt 240 ] && BS=240
-    CUDA_VISIBLE_DEVICES=3 timeout $(( BS + 30 )) python3 benchmarks/bench_gpu.py --out "$L/gpu_h200" --max-seconds $BS ${BENCH_ARGS:-} \
+    CUDA_VISIBLE_DEVICES=$(gpu 3) timeout $(( BS + 30 )) python3 benchmarks/bench_gpu.py --out "$L/gpu_h200" --max-seconds $BS ${BENCH_ARGS:-} \
       > "$L/bench.log" 2>&1 &
   fi
   wait $P0 $P1
@@ -62,7 +64,7 @@ echo "training ended at $(el) s" >> "$L/timeline.txt"
 grid="--set eval_mode=true --set niah_samples_per_cell=5 --set niah_context_lens_eval=$LENS --set output_dir=$PK"
 EV=eval; [ $MORE = 1 ] && EV=eval2
 ev() {  # run-name gpu config checkpoint
-  CUDA_VISIBLE_DEVICES=$2 timeout $(( END - 25 - $(el) )) python3 finetune_ssm.py --config "configs/passkey_small_$3.json" \
+  CUDA_VISIBLE_DEVICES=$(gpu $2) timeout $(( END - 25 - $(el) )) python3 finetune_ssm.py --config "configs/passkey_small_$3.json" \
     --run-name "$1" --set load_cp="$4" $grid ${EXTRA_SET:-} > "$PK/$1.log" 2>&1
 }
 ev ${EV}_deci 0 deci "$(last deci)" & ev ${EV}_vanilla 1 vanilla "$(last vanilla)" &

@@ -127,9 +127,10 @@ class NiahTask(Task):
     def answer_tokens(self, code: str) -> list[int]:
         """The original trains on encode(code): '71432' -> '714','32', while the haystack holds
         ' 7','14','32' (BPE segments digits differently after a space). A pretrained model knows
-        both; a model trained from scratch must then learn to re-segment numbers, which it did not
-        in 2K steps (loss stuck at the guessing plateau). ``niah_answer_as_in_context`` trains on
-        the haystack's tokens instead: decoded, ' 71432' still scores as correct."""
+        both; a model trained from scratch must also learn to re-segment numbers. With
+        ``niah_answer_as_in_context`` it trains on the haystack's tokens instead (a pure copy;
+        decoded, ' 71432' still scores as correct): on 128-token haystacks it learned the task in
+        ~1.6x fewer steps (benchmarks/results/passkey_h200_attempt2/README.md)."""
         return self.tok.encode(" " + code) if self.cfg["niah_answer_as_in_context"] else self.tok.encode(code)
 
     def train_context_len(self, epoch: int) -> int:

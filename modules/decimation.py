@@ -119,18 +119,23 @@ def kept_indices(delta: torch.Tensor, resp_len: int, layer_idx: int, cfg: Decima
     delta: (b, d, l) softplus(dt + dt_bias). Every row keeps the same count (k depends on l only),
     so a batch is decimated per row with one top-k call.
     """
+    return kept_from_scores(token_scores(delta), resp_len, layer_idx, cfg)
+
+
+def kept_from_scores(scores: torch.Tensor, resp_len: int, layer_idx: int, cfg: DecimationConfig) -> torch.Tensor | None:
+    """``kept_indices`` from the per-token scores (b, l) = ‖Δ‖₂ over channels."""
     if not cfg.decimates(layer_idx):
         return None
-    bsz, _, length = delta.shape
+    bsz, length = scores.shape
     resp = min(max(int(resp_len or 0), 0), length)
     l_dec = length - resp
     k = num_kept(l_dec, cfg.decimating_layers.index(layer_idx), cfg.beta, cfg.L_base, cfg.min_seq_len)
-    device = delta.device
+    device = scores.device
     tail = torch.arange(l_dec, length, device=device).expand(bsz, resp)
     if k == l_dec:
         head = torch.arange(l_dec, device=device).expand(bsz, l_dec)
     else:
-        top = torch.topk(token_scores(delta[:, :, :l_dec]), k, dim=1, sorted=False).indices
+        top = torch.topk(scores[:, :l_dec], k, dim=1, sorted=False).indices
         head = torch.sort(top, dim=1).values
     return torch.cat([head, tail], dim=1)
 

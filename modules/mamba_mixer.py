@@ -24,8 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from modules import kernels
-from modules.decimation import DecimationConfig, gather_tokens, kept_indices
+from modules.decimation import DecimationConfig, gather_tokens, kept_from_scores, kept_indices, token_scores
 from modules.selective_scan import selective_scan
+
+SCORE_BLOCK = 1 << 16   # tokens per block when scoring by ‖Δ‖ (streaming uses the same 64K chunks)
 
 
 class MambaMixer(nn.Module):
@@ -82,13 +84,15 @@ class MambaMixer(nn.Module):
                 None, None, self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True), None, None
         x, dt, B, C, z = self.project(hidden, cache)                                        # steps 1-3a
         keep = delta = None
-        if decimation.decimates(self.layer_idx) or record:
+        if record:
             delta = self.delta(dt)                                                          # 3b: (b, e, l)
             keep = kept_indices(delta, resp_len, self.layer_idx, decimation)                # 3c: (b, l')
+        elif decimation.decimates(self.layer_idx):                                          # 3b-3c, Δ by blocks
+            keep = kept_from_scores(self.delta_scores(dt), resp_len, self.layer_idx, decimation)
         if keep is not None and keep.shape[1] < hidden.shape[1]:
             x, dt, z = (gather_tokens(t, keep, 2) for t in (x, dt, z))                      # (b, e, l')
             B, C = gather_tokens(B, keep, 2), gather_tokens(C, keep, 2)                     # (b, n, l')
-            delta = gather_tokens(delta, keep, 2)
+            delta = None if delta is None else gather_tokens(delta, keep, 2)
         out = self.scan(x, dt, B, C, z, cache)                                              # steps 3d-4
         debug = None
         if record:
@@ -131,6 +135,12 @@ class MambaMixer(nn.Module):
     def delta(self, dt):
         """3b: Δ = softplus(dt + dt_bias) in fp32, (b, e, l): the step size and the decimation score."""
         return F.softplus(dt.float() + self.dt_proj.bias.float()[:, None])
+
+    def delta_scores(self, dt):
+        """‖Δ‖₂ over channels per token, (b, l) fp32, one block of SCORE_BLOCK tokens at a time: the
+        fp32 Δ of a whole 1M-token prompt would be 6 GB (d_inner 1536) for a (b, l) result."""
+        return torch.cat([token_scores(self.delta(dt[:, :, s:s + SCORE_BLOCK]))
+                          for s in range(0, dt.shape[2], SCORE_BLOCK)], dim=1)
 
     def scan(self, x, dt, B, C, z, cache=None):
         """Steps 3d-4: selective scan (continuing from cache.ssm_state if set) and out-projection."""

@@ -31,6 +31,8 @@ from modules import kernels
 _BLOCK_ELEMS = 1 << 20
 _GPU_BLOCK_FACTOR = 64
 _GPU_MEMORY_SHARE = 64
+# exp(x) is exactly 0 below these (fp32: e^-104 is under half the smallest subnormal; fp64: e^-746)
+_UNDERFLOW = {torch.float32: -110.0, torch.float64: -760.0}
 
 
 def _linear_scan(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
@@ -189,11 +191,18 @@ def initial_state_correction(delta, A, C, initial_state, delta_bias=None, delta_
     f = torch.promote_types(delta.dtype, torch.float32)
     A, h0 = A.to(f), initial_state.to(f)
     cum = torch.cumsum(_step_size(delta, delta_bias, delta_softplus, f), dim=-1)                                                   # (b, e, l)
-    dy = torch.empty_like(cum)
+    dy = torch.zeros_like(cum)
+    # P_t <= exp(cum_t · max_n A): past the last t where that bound is above exp(_UNDERFLOW[f]) every
+    # term underflows to 0 in f, so the work stops there (a trained or random Mamba forgets h0 within
+    # a few thousand tokens; the kernel path streams 64K-token chunks).
+    bound = (cum * A.amax(dim=1)[None, :, None]).amax(dim=(0, 1))                                       # (l,)
+    alive = torch.nonzero(bound >= _UNDERFLOW[f])
+    length = 0 if len(alive) == 0 else int(alive[-1]) + 1
     step = max(1, _BLOCK_ELEMS * _GPU_BLOCK_FACTOR // max(1, cum.shape[0] * cum.shape[1] * A.shape[1]))
-    for s in range(0, cum.shape[-1], step):                                             # bounded memory
-        P = torch.exp(cum[:, :, s:s + step, None] * A[None, :, None, :])                # (b, e, l', n)
-        dy[:, :, s:s + step] = torch.einsum("beln,bnl->bel", P * h0[:, :, None], C[:, :, s:s + step].to(f))
+    for s in range(0, length, step):                                                    # bounded memory
+        e = min(s + step, length)
+        P = torch.exp(cum[:, :, s:e, None] * A[None, :, None, :])                       # (b, e, l', n)
+        dy[:, :, s:e] = torch.einsum("beln,bnl->bel", P * h0[:, :, None], C[:, :, s:e].to(f))
     return dy, torch.exp(cum[:, :, -1, None] * A[None])
 
 

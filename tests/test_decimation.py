@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from modules.decimation import DecimationConfig, kept_indices, num_kept
+from modules.decimation import DecimationConfig, kept_indices, num_kept, token_scores
 
 
 @pytest.mark.parametrize("l_dec,s,beta,L_base,min_len,expected", [
@@ -89,3 +89,20 @@ def test_config_accepts_numpy_scalars():
     assert cfg.decimating_layers == [3] and type(cfg.decimating_layers[0]) is int
     assert cfg.min_seq_len == 5 and cfg.beta == 0.5 and math.isinf(cfg.L_base)
     assert cfg.decimates(3)
+
+
+def test_blockwise_scores_keep_the_same_tokens_as_the_full_delta(monkeypatch):
+    # The mixer scores ‖Δ‖ block by block (bounded memory); the kept tokens and the layer output
+    # must equal those computed from the whole Δ at once (the recording path).
+    import modules.mamba_mixer as mm
+
+    torch.manual_seed(3)
+    mixer = mm.MambaMixer(d_model=16, d_state=4, layer_idx=0).double()
+    hidden = torch.randn(2, 300, 16, dtype=torch.float64)
+    cfg = DecimationConfig(activate=True, decimating_layers=[0], L_base=40, beta=0.5, min_seq_len=4)
+    monkeypatch.setattr(mm, "SCORE_BLOCK", 64)                 # several blocks, the last one partial
+    out, keep, _ = mixer(hidden, resp_len=3, decimation=cfg)
+    ref, ref_keep, debug = mixer(hidden, resp_len=3, decimation=cfg, record=True)
+    assert keep.shape == (2, 43) and torch.equal(keep, ref_keep)
+    assert torch.equal(out, ref)
+    assert torch.equal(mixer.delta_scores(mixer.project(hidden)[1]), token_scores(mixer.delta(mixer.project(hidden)[1])))

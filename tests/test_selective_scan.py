@@ -94,3 +94,23 @@ def test_kernel_dispatch_initial_state_correction(monkeypatch):
     want, want_last = selective_scan_ref(**inp, delta_softplus=True, return_last_state=True)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(got_last, want_last, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_initial_state_correction_stops_where_every_term_underflows(dtype):
+    # The correction skips positions where exp(cum·A) is exactly 0 in the dtype; the result must be
+    # identical (not merely close) to computing every position, and the skipped part non-empty.
+    from modules.selective_scan import initial_state_correction
+
+    g = torch.Generator().manual_seed(7)
+    b, e, n, length = 2, 6, 4, 4000
+    delta = torch.rand(b, e, length, generator=g, dtype=dtype) * 2            # Σ Δ grows ~1 per token
+    A = -torch.rand(e, n, generator=g, dtype=dtype) - 0.5
+    C = torch.randn(b, n, length, generator=g, dtype=dtype)
+    h0 = torch.randn(b, e, n, generator=g, dtype=dtype)
+    dy, decay = initial_state_correction(delta, A, C, h0)
+    cum = torch.cumsum(delta, dim=-1)
+    full = torch.einsum("beln,bnl->bel", torch.exp(cum[..., None] * A[None, :, None, :]) * h0[:, :, None], C)
+    assert torch.equal(dy, full)
+    assert (dy[..., :20] != 0).all() and (dy[..., -length // 4:] == 0).all()
+    assert torch.equal(decay, torch.exp(cum[:, :, -1, None] * A[None]))

@@ -73,6 +73,17 @@ def test_passkey_training_item(tok):
     assert task.train_item(5, 0)[0].input_ids == chunk.input_ids != task.train_item(5, 1)[0].input_ids
 
 
+def test_passkey_answer_as_in_context_copies_the_haystack_tokens(tok):
+    task = NiahTask(_niah_cfg(niah_context_len_train=400, niah_answer_as_in_context=True), tok)
+    for i in range(5):
+        (chunk,) = task.train_item(i, 0)
+        key = chunk.labels[:-1]
+        assert chunk.labels == tok.encode(" " + task.train_codes[i]) + [0]
+        fact_start = next(j for j in range(len(chunk.input_ids)) if chunk.input_ids[j:j + 4] == [510, 1509, 2234, 310])
+        assert chunk.input_ids[fact_start + 4:fact_start + 4 + len(key)] == key       # the haystack's own tokens
+        assert task.score_response(tok.decode(key + [0]), task.train_codes[i])        # and they score as correct
+
+
 def test_passkey_training_curriculum(tok):
     task = NiahTask(_niah_cfg(niah_context_len_train=400, niah_context_len_train_curriculum=[100, 200]), tok)
     lens = [len(task.train_item(0, e)[0].input_ids) - 26 - len(task.train_item(0, e)[0].labels) for e in range(4)]
