@@ -42,7 +42,7 @@ def _linear_scan(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) 
     Returns h of shape (B, D, L, N) in fp32.
     """
     bsz, d, length, n = b.shape
-    t_len = max(1, int(math.ceil(math.sqrt(length))))       # chunk length T
+    t_len = _chunk_len(length)                               # chunk length T
     n_chunks = -(-length // t_len)
     pad = n_chunks * t_len - length
     if pad:
@@ -64,6 +64,16 @@ def _linear_scan(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) 
         carry[:, :, c] = torch.addcmul(h[:, :, c - 1, -1], decay[:, :, c - 1, -1], carry[:, :, c - 1])
     h.addcmul_(decay, carry.unsqueeze(3))
     return h.view(bsz, d, n_chunks * t_len, n)[:, :, :length]
+
+
+def _chunk_len(length: int) -> int:
+    """About sqrt(length); a divisor of length within [sqrt/2, 2 sqrt] when there is one, so
+    that no padded copy of the inputs is needed (blocks are powers of two but for the last)."""
+    root = max(1, int(math.ceil(math.sqrt(length))))
+    for t in sorted(range(max(1, root // 2), 2 * root + 1), key=lambda t: abs(t - root)):
+        if length % t == 0:
+            return t
+    return root
 
 
 def _block_len(bsz: int, d: int, n: int, device=None) -> int:
@@ -118,13 +128,12 @@ class _ScanFn(torch.autograd.Function):
             # G_t = c_t + a_{t+1} G_{t+1}: a reverse scan; the last position takes the carry.
             log_a_next = F.pad(log_a[:, :, 1:], (0, 0, 0, 1))
             G = _linear_scan(log_a_next.flip(2), c.flip(2), carry).flip(2)
-            h_prev = torch.cat([entry_states[i].unsqueeze(2), h[:, :, :-1]], dim=2)
-            g_log_a = G * h_prev * log_a.exp()                                         # dL/d(Δ A)
-            gC[:, :, s:e] = torch.einsum("bdln,bdl->bnl", h, gy_blk)
-            GB = torch.einsum("bdln,bln->bdl", G, B_t)
+            g_log_a = G * (h - bu)                                                     # dL/d(Δ A): G a h_prev
+            gC[:, :, s:e] = (h * gy_blk[..., None]).sum(1).transpose(1, 2)            # (b, n, l')
+            GB = (G * B_t[:, None]).sum(-1)                                            # (b, d, l')
             gu[:, :, s:e] = GB * d_blk
-            gdelta[:, :, s:e] = GB * u_blk + torch.einsum("bdln,dn->bdl", g_log_a, A)
-            gB[:, :, s:e] = torch.einsum("bdln,bdl->bnl", G, d_blk * u_blk)
+            gdelta[:, :, s:e] = GB * u_blk + (g_log_a @ A[None, :, :, None]).squeeze(-1)
+            gB[:, :, s:e] = (G * (d_blk * u_blk)[..., None]).sum(1).transpose(1, 2)
             gA += torch.einsum("bdln,bdl->dn", g_log_a, d_blk)
             carry = log_a[:, :, 0].exp() * G[:, :, 0]                                  # a_s G_s
         return gu, gdelta, gA, gB, gC, (carry if ctx.has_h0 else None)
