@@ -22,8 +22,12 @@ $(STAMP): requirements.txt requirements-dev.txt
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
+# With a shipped checkpoint (checkpoints/passkey_small_deci/), the demo evaluates it at 1K-16K;
+# until one is shipped it trains a tiny model for a few steps and evaluates that.
+DEMO_CKPT := checkpoints/passkey_small_deci/model.safetensors
 demo: setup
-	$(PY) finetune_ssm.py --config configs/demo_config.json --device cpu
+	if [ -f $(DEMO_CKPT) ]; then $(PY) finetune_ssm.py --config configs/demo_checkpoint.json --device cpu; \
+	else $(PY) finetune_ssm.py --config configs/demo_config.json --device cpu; fi
 
 bench-cpu: setup
 	$(PY) benchmarks/bench_cpu_scan.py

@@ -7,7 +7,9 @@
 #   OUT=... bash benchmarks/gpu_x4_round.sh [TRAIN_END_S=430] [END_S=560]
 # A second call on the still-warm machine continues: bash benchmarks/gpu_x4_round.sh --more SECONDS
 # BENCH_ARGS are passed to bench_gpu.py; EXTRA_SET='--set k=v ...' is added to every run (e.g. a CPU dry run of this script).
-# Expects .device/ (kernel sources + build script) and .whl/ (nltk wheel), both carried.
+# Expects .device/ (kernel sources + build script) and .whl/ (nltk, mambapy wheels), both carried; with
+# SHIP_KERNELS=1 the built kernels come back as kwheels.part_* (copy them to .kwheels/ and carry that next
+# time: no rebuild).
 set -u
 OUT=${OUT:-gpu_out}; L=$OUT/logs; PK=${PK:-/tmp/pk}; mkdir -p "$L" "$PK"
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
@@ -15,6 +17,23 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=/tmp/site:$PWD TOKENIZERS_
 python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl
 NG=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$NG" -gt 0 ] || NG=1
 gpu() { echo $(( $1 % NG )); }   # fewer than 4 GPUs: jobs share them (benchmarks then share with training)
+restore_kernels() {  # kernels saved by an earlier session (carried as .kwheels/): seconds, not a 6-min build
+  ls .kwheels/kwheels.part_* >/dev/null 2>&1 || return 0
+  mkdir -p /tmp/site && cat .kwheels/kwheels.part_* | xz -d | tar xf - -C /tmp/site
+}
+pack_kernels() {    # the installed kernels, xz-compressed in <= 15 MiB parts (once per machine)
+  [ -e /tmp/kwheels.done ] && return
+  (cd /tmp/site && tar cf - mamba_ssm* selective_scan_cuda* causal_conv1d*) | xz -T0 -6 | split -b 15M - /tmp/kwheels.part_ \
+    && touch /tmp/kwheels.done
+}
+ship_kernels() {    # ... into $OUT if they all fit
+  pack_kernels
+  local n used add
+  n=$(( $(ls "$OUT" | wc -l) + $(ls /tmp/kwheels.part_* | wc -l) ))
+  used=$(du -cb "$OUT"/* 2>/dev/null | tail -1 | cut -f1); add=$(du -cb /tmp/kwheels.part_* | tail -1 | cut -f1)
+  if [ "$n" -le 8 ] && [ $(( ${used:-0} + add )) -le $(( 62 * 1048576 )) ]; then cp /tmp/kwheels.part_* "$OUT/"
+  else echo "kernels not shipped: $n files, $(( (${used:-0} + add) / 1048576 )) MiB" >> "$OUT/wheels.txt"; fi
+}
 have_kernels() { python3 -c 'import torch, selective_scan_cuda, causal_conv1d_cuda' 2>/dev/null; }
 MORE=0; [ "${1:-}" = "--more" ] && { MORE=1; shift; }
 TRAIN_END=${1:-430}; END=${2:-560}
@@ -34,15 +53,19 @@ resume_or_start() {  # name gpu seconds
 }
 last() { ls -d "$PK/$1"/epoch_*_step_* | awk -F_ '{print $NF, $0}' | sort -n | tail -1 | cut -d' ' -f2; }
 
+restore_kernels
 if [ $MORE = 0 ]; then
   nvidia-smi -L > "$L/gpus.txt"
-  (MAX_JOBS=${MAX_JOBS:-48} bash .device/build_kernels.sh .device > "$L/build.log" 2>&1
-   echo "build ended at $(el) s" >> "$L/build.log") & BUILD=$!
-  have_kernels && echo "kernels already there"
+  AT_START=0; BUILD=
+  if have_kernels; then AT_START=1; echo "kernels restored from .kwheels" > "$L/build.log"
+  else (MAX_JOBS=${MAX_JOBS:-48} bash .device/build_kernels.sh .device > "$L/build.log" 2>&1
+        echo "build ended at $(el) s" >> "$L/build.log") & BUILD=$!
+  fi
   resume_or_start deci 0 $TRAIN_END; P0=$PID; resume_or_start vanilla 1 $TRAIN_END; P1=$PID
-  wait $BUILD
-  echo "build done at $(el) s" >> "$L/timeline.txt"
-  if have_kernels && [ $(( TRAIN_END - $(el) )) -gt 60 ]; then      # switch the trainers to the kernel path
+  [ -n "$BUILD" ] && wait $BUILD
+  echo "kernels ready (or build failed) at $(el) s" >> "$L/timeline.txt"
+  [ "${SHIP_KERNELS:-0}" = 1 ] && have_kernels && { pack_kernels & }
+  if [ $AT_START = 0 ] && have_kernels && [ $(( TRAIN_END - $(el) )) -gt 60 ]; then   # trainers to the kernel path
     kill -TERM $P0 $P1; wait $P0 $P1
     echo "trainers stopped at $(el) s" >> "$L/timeline.txt"
     resume_or_start deci 0 $(( TRAIN_END - $(el) )); P0=$PID; resume_or_start vanilla 1 $(( TRAIN_END - $(el) )); P1=$PID
@@ -79,4 +102,6 @@ tar czf "$OUT/pk_results.tgz" -C "$(dirname $PK)" --exclude='*/epoch_*' --exclud
 for r in deci vanilla; do tar czf "$OUT/pk_$r.tgz" -C "$(dirname $PK)" "$P/export_$r"; done
 tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$L"
 ls -l /tmp/wheels > "$OUT/wheels.txt" 2>/dev/null
+wait   # a background pack_kernels
+[ "${SHIP_KERNELS:-0}" = 1 ] && have_kernels && ship_kernels
 echo "done at $(el) s"
