@@ -100,14 +100,15 @@ def streaming_rows(impls, args, rows, out):
 
     model = impls["ours_deci"].to("cuda", torch.bfloat16).eval()
     for length in args.stream_lengths:
-        if time.time() > args.deadline:
-            break
-        ids = torch.randint(0, 50277, (1, length), device="cuda")
-        t, mem = measure(lambda: streaming_prefill(model, ids, chunk_size=args.chunk), reps=1)
-        rows.append({"impl": f"ours_deci_streaming_{args.chunk}", "dtype": "bfloat16", "tokens": length, "seconds": t,
-                     "peak_GB": mem, "tok_per_s": None if t is None else round(length / t)})
-        print(rows[-1], flush=True)
-        write_results(out, rows, COLS, "GPU prefill: tokens/s and peak memory")
+        for chunk in args.chunk:
+            if time.time() > args.deadline:
+                break
+            ids = torch.randint(0, 50277, (1, length), device="cuda")
+            t, mem = measure(lambda: streaming_prefill(model, ids, chunk_size=chunk), reps=1)
+            rows.append({"impl": f"ours_deci_streaming_{chunk}", "dtype": "bfloat16", "tokens": length, "seconds": t,
+                         "peak_GB": mem, "tok_per_s": None if t is None else round(length / t)})
+            print(rows[-1], flush=True)
+            write_results(out, rows, COLS, "GPU prefill: tokens/s and peak memory")
     model.to("cpu")
 
 
@@ -220,7 +221,7 @@ def main():
     ap.add_argument("--n-layer", type=int, default=24)
     ap.add_argument("--max-seconds", type=float, default=240)
     ap.add_argument("--stream-lengths", type=int, nargs="*", default=[1048576, 10485760])
-    ap.add_argument("--chunk", type=int, default=65536)
+    ap.add_argument("--chunk", type=int, nargs="+", default=[65536, 32768], help="streaming chunk sizes to compare")
     ap.add_argument("--out", default="benchmarks/results/gpu_h200")
     ap.add_argument("--profile-len", type=int, default=131072, help="prompt length of the profiled prefill (0: none)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["prefill", "grid", "streaming", "train", "hf", "profile"])
