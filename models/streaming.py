@@ -16,7 +16,7 @@ import torch
 
 from models.mamba_lm import LMOutput
 from modules.block import add_norm
-from modules.decimation import DecimationConfig, gather_tokens, num_kept, token_scores
+from modules.decimation import DecimationConfig, gather_tokens, num_kept
 
 
 class _TopK:
@@ -81,7 +81,7 @@ def streaming_prefill(model, input_ids, chunk_size: int = 65536, num_last_tokens
         n_cand = max(0, min(ids.shape[1], l_dec - c0))
         if n_cand:
             cand = {n: (t.narrow(d, 0, n_cand), d) for n, (t, d) in parts.items()}
-            buf.add(token_scores(layer.mixer.delta(dt[:, :, :n_cand])), pos[:, :n_cand], cand)
+            buf.add(layer.mixer.delta_scores(dt[:, :, :n_cand]), pos[:, :n_cand], cand)
         if n_cand < ids.shape[1]:
             tail.append({n: (t.narrow(d, n_cand, ids.shape[1] - n_cand), d) for n, (t, d) in parts.items()})
     kept = []

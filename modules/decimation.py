@@ -119,7 +119,7 @@ def kept_indices(delta: torch.Tensor, resp_len: int, layer_idx: int, cfg: Decima
     delta: (b, d, l) softplus(dt + dt_bias). Every row keeps the same count (k depends on l only),
     so a batch is decimated per row with one top-k call.
     """
-    return kept_from_scores(token_scores(delta), resp_len, layer_idx, cfg)
+    return kept_from_scores(token_scores(delta), resp_len, layer_idx, cfg) if cfg.decimates(layer_idx) else None
 
 
 def kept_from_scores(scores: torch.Tensor, resp_len: int, layer_idx: int, cfg: DecimationConfig) -> torch.Tensor | None:

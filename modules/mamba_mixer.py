@@ -122,9 +122,7 @@ class MambaMixer(nn.Module):
             cache.conv_state = F.pad(x, (self.d_conv - x.shape[2], 0)).detach().clone()
         if kernels.use_kernels(self.backend, hidden):                                       # 2: (b, e, l)
             x = kernels.causal_conv1d_fn(x.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                                         activation="silu")
-            if prev:   # a copy: the scan kernel's vector loads need rows that start 16-byte aligned
-                x = x[..., prev:].contiguous()   # (a view at offset 3 gave 'misaligned address' on the H200)
+                                         activation="silu")[..., prev:]
         else:
             x = F.silu(self.conv1d(x)[..., prev:prev + length])
         x_dbl = self.x_proj(x.transpose(1, 2))                                              # 3a: (b, l, r + 2n)

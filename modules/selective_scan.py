@@ -215,6 +215,16 @@ def initial_state_correction(delta, A, C, initial_state, delta_bias=None, delta_
     return dy, torch.exp(cum[:, :, -1, None] * A[None])
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t itself if its rows start 16-byte aligned, else an aligned copy. The scan kernel's vector
+    loads assume it and only check stride(-1) == 1: a view such as x[..., 3:] (a continued conv's
+    output) gave 'misaligned address' on the H200."""
+    if t.data_ptr() % 16 == 0 and (t.is_contiguous() or (t.stride(-1) == 1 and all(
+            st % (16 // t.element_size()) == 0 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1))):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, initial_state=None, backend="auto"):
     """Dispatcher: mamba-ssm's CUDA kernel when allowed and possible, else ``selective_scan_ref``.
@@ -224,6 +234,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """
     if not kernels.use_kernels(backend, u):
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
+    u, delta, z = (None if t is None else _aligned(t) for t in (u, delta, z))
     B, C = B.contiguous(), C.contiguous()
     if initial_state is None:
         return kernels.selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

@@ -114,3 +114,29 @@ def test_initial_state_correction_stops_where_every_term_underflows(dtype):
     assert torch.equal(dy, full)
     assert (dy[..., :20] != 0).all() and (dy[..., -length // 4:] == 0).all()
     assert torch.equal(decay, torch.exp(cum[:, :, -1, None] * A[None]))
+
+
+def test_kernel_dispatch_hands_the_kernel_aligned_rows(monkeypatch):
+    # mamba-ssm's scan kernel vector-loads rows assuming 16-byte alignment (it only checks
+    # stride(-1) == 1): the dispatcher must copy a view such as x[..., 3:] and pass aligned
+    # tensors through untouched.
+    import modules.kernels as K
+    from modules.selective_scan import selective_scan
+
+    seen = {}
+
+    def fake_kernel(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+        seen.update(u=u, delta=delta, z=z)
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+    monkeypatch.setattr(K, "selective_scan_fn", fake_kernel)
+    monkeypatch.setattr(K, "use_kernels", lambda backend, t: True)
+    inp = _inputs(2, 4, 64, 3, torch.float32, seed=5)
+    inp.pop("initial_state")                                        # the plain kernel call, no correction term
+    wide = torch.randn(2, 4, 67)
+    inp["u"] = wide[..., 3:]                                        # rows start 12 bytes in
+    want = selective_scan_ref(**inp, delta_softplus=True)
+    got = selective_scan(**inp, delta_softplus=True)
+    assert torch.equal(got, want)
+    assert seen["u"].data_ptr() % 16 == 0 and seen["u"].is_contiguous() and torch.equal(seen["u"], inp["u"])
+    assert seen["delta"] is inp["delta"]                            # already aligned: no copy
