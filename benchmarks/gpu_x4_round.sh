@@ -5,7 +5,8 @@
 #   GPU 2     GPU tests once the kernels are in;      GPU 3  benchmarks (+ profile) once they are in;
 #   then      passkey grids 1K..1M x 5 depths x 5 samples of both models (and vanilla + decimation).
 #   OUT=... bash benchmarks/gpu_x4_round.sh [TRAIN_END_S=430] [END_S=560]
-# A second call on the still-warm machine continues: bash benchmarks/gpu_x4_round.sh --more SECONDS
+# A second call on the still-warm machine continues: bash benchmarks/gpu_x4_round.sh --more SECONDS [END]
+# (with BENCH_ARGS set, it runs the benchmarks on GPU 3 meanwhile; BENCH_NAME names their result files).
 # BENCH_ARGS are passed to bench_gpu.py; EXTRA_SET='--set k=v ...' is added to every run (e.g. a CPU dry run of this script).
 # Expects .device/ (kernel sources + build script) and .whl/ (nltk, mambapy wheels), both carried; with
 # SHIP_KERNELS=1 the built kernels come back as kwheels.part_* (copy them to .kwheels/ and carry that next
@@ -51,6 +52,11 @@ resume_or_start() {  # name gpu seconds
     train_bg "$1" "$2" --config "configs/passkey_small_$1.json" --run-name "$1" --set output_dir=$PK --set max_train_seconds="$3"
   fi
 }
+bench() {  # GPU 3, in the background, to END - 60 s (at most 300 s); results as $L/${BENCH_NAME:-gpu_h200}.{md,json}
+  local bs=$(( END - 90 - $(el) )); [ $bs -gt 300 ] && bs=300
+  CUDA_VISIBLE_DEVICES=$(gpu 3) timeout $(( bs + 30 )) python3 benchmarks/bench_gpu.py --out "$L/${BENCH_NAME:-gpu_h200}" \
+    --max-seconds $bs ${BENCH_ARGS:-} > "$L/${BENCH_NAME:-gpu_h200}.log" 2>&1 &
+}
 last() { ls -d "$PK/$1"/epoch_*_step_* | awk -F_ '{print $NF, $0}' | sort -n | tail -1 | cut -d' ' -f2; }
 
 restore_kernels
@@ -73,12 +79,11 @@ if [ $MORE = 0 ]; then
   if have_kernels; then
     (CUDA_VISIBLE_DEVICES=$(gpu 2) timeout $(( END - 60 - $(el) )) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -rA \
        > "$L/gpu_tests_h200.log" 2>&1; echo "pytest rc $?" >> "$L/gpu_tests_h200.log") &
-    BS=$(( END - 90 - $(el) )); [ $BS -gt 240 ] && BS=240
-    CUDA_VISIBLE_DEVICES=$(gpu 3) timeout $(( BS + 30 )) python3 benchmarks/bench_gpu.py --out "$L/gpu_h200" --max-seconds $BS ${BENCH_ARGS:-} \
-      > "$L/bench.log" 2>&1 &
+    bench
   fi
   wait $P0 $P1
-else   # a second call: train on for SECONDS (if asked), then evaluate
+else   # a second call: benchmarks on GPU 3 if BENCH_ARGS is set, train on for SECONDS (if asked), then evaluate
+  [ -n "${BENCH_ARGS:-}" ] && have_kernels && bench
   if [ "$TRAIN_END" -gt 0 ]; then
     resume_or_start deci 0 $TRAIN_END; P0=$PID; resume_or_start vanilla 1 $TRAIN_END; P1=$PID; wait $P0 $P1
   fi
