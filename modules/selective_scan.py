@@ -190,14 +190,32 @@ def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None
     return (out, h) if return_last_state else out
 
 
+_TRITON = []
+
+
+def _triton_correction():
+    """modules.triton_correction.initial_state_correction, or None where Triton cannot be imported."""
+    if not _TRITON:
+        try:
+            from modules.triton_correction import initial_state_correction as fn
+        except ImportError:
+            fn = None
+        _TRITON.append(fn)
+    return _TRITON[0]
+
+
 def initial_state_correction(delta, A, C, initial_state, delta_bias=None, delta_softplus=False):
     """Exact contribution of an initial state h0 to a selective scan (the kernel takes none).
 
     The recurrence is linear in h, so with P_t = exp(A · Σ_{k<=t} Δ_k) (entries in (0, 1]):
         y_t(h0) = y_t(0) + <C_t, P_t ⊙ h0>   and   h_L(h0) = h_L(0) + P_L ⊙ h0.
     Returns (dy (b, e, l) in fp32 or wider, to add before the D term and gate; decay P_L (b, e, n)).
+    On a GPU with Triton the work goes to ``modules.triton_correction`` (fused, nothing of size l·n
+    stored); this torch code is its reference and the CPU path.
     """
     f = torch.promote_types(delta.dtype, torch.float32)
+    if delta.is_cuda and f == torch.float32 and C.dim() == 3 and _triton_correction() is not None:
+        return _triton_correction()(delta, A, C, initial_state, delta_bias, delta_softplus)
     A, h0 = A.to(f), initial_state.to(f)
     cum = torch.cumsum(_step_size(delta, delta_bias, delta_softplus, f), dim=-1)                                                   # (b, e, l)
     dy = torch.zeros_like(cum)
