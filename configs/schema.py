@@ -110,6 +110,7 @@ KEYS: list[Key] = [
     K("tokenizer", "str", "EleutherAI/gpt-neox-20b", "hub id, local tokenizer.json, or a directory holding one", original=False),
     K("scratch_model_config", "dict?", None, "MambaConfig fields: train a randomly initialised model instead of loading weights", original=False),
     K("backend", "str", "auto", "scan path: 'auto', 'torch' or 'kernel'", lambda v: v in ("auto", "torch", "kernel"), "one of ['auto', 'torch', 'kernel']", original=False),
+    K("eval_prefill_chunk_size", "int?", None, "generation tasks: stream each prompt through prefill in chunks of this many tokens (flat memory, e.g. 32768 for 10M-token prompts; same answers as one shot up to fp rounding); null: one shot", _pos, "> 0", original=False),
     K("train_micro_batch_size", "int", 8, "samples of equal length run in one forward during accumulation", _pos, "> 0", original=False),
     K("max_train_seconds", "float?", None, "stop training after this wall time, saving a checkpoint (null: no limit)", _pos, "> 0", original=False),
     K("warmup_steps", "int", 0, "linear LR warmup steps", _nonneg, ">= 0", original=False),
@@ -244,7 +245,8 @@ def parse_set(items: list[str]) -> dict:
 def config_hash(cfg: dict) -> str:
     """Hash of the keys that change evaluation results (not paths, logging or devices)."""
     skip = {"output_dir", "cache_dir", "activate_logging", "wandb_dir", "run_name_addon", "model_device",
-            "wandb_project", "wandb_mode", "eval_mode", "backend", "recover_step", "max_train_seconds"}
+            "wandb_project", "wandb_mode", "eval_mode", "backend", "recover_step", "max_train_seconds",
+            "eval_prefill_chunk_size"}
     blob = json.dumps({k: v for k, v in sorted(cfg.items()) if k not in skip}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

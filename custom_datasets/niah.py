@@ -172,7 +172,8 @@ class NiahTask(Task):
         responses = []
         for i in range(0, len(flat), per_batch):
             ids = torch.tensor(flat[i:i + per_batch], device=device)
-            seq = model.generate(ids, max_length=ids.shape[1] + self.cfg["eval_max_len"], eos_token_id=self.tok.eos_token_id)
+            seq = model.generate(ids, max_length=ids.shape[1] + self.cfg["eval_max_len"], eos_token_id=self.tok.eos_token_id,
+                                 prefill_chunk_size=self.cfg["eval_prefill_chunk_size"])
             responses += [self.tok.decode(row[ids.shape[1]:].tolist()) for row in seq]
         results, k = [], 0
         for cell, (prompts, answers, needles) in zip(cells, built):

@@ -155,7 +155,8 @@ class SquadRetrieveTask(Task):
         for i in range(len(self.eval_questions)):
             ids, gid = self.eval_prompt(n, i)
             x = torch.tensor([ids], device=device)
-            seq = model.generate(x, max_length=x.shape[1] + self.cfg["eval_max_len"], eos_token_id=self.tok.eos_token_id)
+            seq = model.generate(x, max_length=x.shape[1] + self.cfg["eval_max_len"], eos_token_id=self.tok.eos_token_id,
+                                 prefill_chunk_size=self.cfg["eval_prefill_chunk_size"])
             resp = self.tok.decode(seq[0, x.shape[1]:].tolist())
             ok = self.score_response(resp, gid)
             correct += ok

@@ -25,3 +25,17 @@ def test_shipped_checkpoint_retrieves_passkeys_with_decimation(tmp_path):
     assert correct >= 17, [r["responses"] for r in rows]
     cfg = json.load(open(tmp_path / "demo" / "config.json"))
     assert cfg["activate_decimation"] and cfg["decimating_layers"] == [3] and cfg["decimation_max_p_L_base"] == 500
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(CKPT, "model.safetensors")), reason="no shipped checkpoint")
+def test_streamed_prefill_in_eval_gives_the_same_answers(tmp_path):
+    """eval_prefill_chunk_size streams each prompt (4K tokens in chunks of 1,000) with the same
+    answers as the one-shot prefill, decimation included."""
+    runs = {}
+    for name, extra in (("one_shot", []), ("streamed", ["--set", "eval_prefill_chunk_size=1000"])):
+        assert finetune_ssm.main(["--config", os.path.join(ROOT, "configs", "demo_checkpoint.json"), "--device", "cpu",
+                                  "--run-name", name, "--set", f"output_dir={tmp_path}", "--set", f"load_cp={CKPT}",
+                                  "--set", "niah_context_lens_eval=[4000]", "--set", "niah_samples_per_cell=2"] + extra) == 0
+        runs[name] = [json.loads(x) for x in open(tmp_path / name / "results.jsonl")]
+    assert [r["responses"] for r in runs["streamed"]] == [r["responses"] for r in runs["one_shot"]]
+    assert sum(r["correct"] for r in runs["streamed"]) >= 8       # and they are mostly right (as above)
