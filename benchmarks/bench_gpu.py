@@ -119,23 +119,22 @@ def grid_rows(impls, args, rows, out):
     from configs import schema
     from custom_datasets.niah import NiahTask
     from custom_datasets.sources import load_tokenizer
+    from engine.evaluate import cell_groups
 
     cfg, _ = schema.load(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                                       "eval_ssm_config_2.json"), device="cuda:0")
     model = impls["ours_deci"].to("cuda", torch.float32).eval()
     t = time.perf_counter()
     task = NiahTask(cfg, load_tokenizer(cfg["tokenizer"]), train=False)
-    by_len = {}
-    for cell in task.eval_cells():
-        by_len.setdefault(cell["ctx_len"], []).append(cell)
     with torch.no_grad():
-        for cells in by_len.values():
+        for cells in cell_groups(task, task.eval_cells()):         # cells of one length, batched as in evaluate
             task.run_cells(model, cells, "cuda")
     torch.cuda.synchronize()
     secs = time.perf_counter() - t
     model.to("cpu")
-    rows.append({"impl": "passkey_grid_eval2_ours_deci", "dtype": "float32", "tokens": sum(by_len) * 5,
-                 "seconds": round(secs, 2), "tok_per_s": round(sum(by_len) * 5 / secs)})
+    tokens = sum(c["ctx_len"] for c in task.eval_cells()) * cfg["niah_samples_per_cell"]
+    rows.append({"impl": "passkey_grid_eval2_ours_deci", "dtype": "float32", "tokens": tokens,
+                 "seconds": round(secs, 2), "tok_per_s": round(tokens / secs)})
     print(rows[-1], flush=True)
     write_results(out, rows, COLS, "GPU prefill: tokens/s and peak memory")
 

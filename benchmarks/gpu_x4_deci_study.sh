@@ -12,12 +12,8 @@
 # Expects .device/ (kernel sources + build script) and .whl/ (nltk, mambapy wheels), carried with $MODELS.
 set -u
 OUT=${OUT:-gpu_out}; L=$OUT/logs; W=${W:-/tmp/study}; MODELS=${MODELS:-.pk}; mkdir -p "$L" "$W"
-T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=/tmp/site:$PWD TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl
-NG=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$NG" -gt 0 ] || NG=1
-gpu() { echo $(( $1 % NG )); }
 TRAIN_S=${1:-330}; END=${2:-560}
+. benchmarks/gpu_common.sh
 CFG=configs/passkey_small_deci.json
 BASE="--config $CFG --set output_dir=$W --set load_cp=$MODELS/export_deci ${EXTRA_SET:-}"   # later --set win
 run() {  # gpu name args...: one finetune_ssm.py run, log in $W/name.log
@@ -26,8 +22,7 @@ run() {  # gpu name args...: one finetune_ssm.py run, log in $W/name.log
     > "$W/$n.log" 2>&1
 }
 nvidia-smi -L > "$L/gpus.txt"
-(MAX_JOBS=${MAX_JOBS:-48} bash .device/build_kernels.sh .device > "$L/build.log" 2>&1; echo "build ended at $(el) s" >> "$L/build.log") &
-BUILD=$!
+start_build
 
 sweep=(--set eval_mode=true --set find_deci_layer=true --set "find_deci_layer_candidates=[1,2,3,4,5]"
        --set "niah_context_lens_eval=${SWEEP_LENS:-[16000,64000]}" --set niah_samples_per_cell=2)
@@ -43,20 +38,17 @@ wait $BUILD; echo "kernels ready (or build failed) at $(el) s" >> "$L/timeline.t
    tests/test_gpu.py tests/test_triton_correction.py > "$L/gpu_tests_h200.log" 2>&1; echo "pytest rc $?" >> "$L/gpu_tests_h200.log") &
 TESTS=$!
 wait $SWEEP; echo "sweep ended at $(el) s" >> "$L/timeline.txt"
-BS=$(( END - 60 - $(el) )); [ $BS -gt 240 ] && BS=240
-CUDA_VISIBLE_DEVICES=$(gpu 0) timeout $(( BS + 30 )) python3 benchmarks/bench_gpu.py --out "$L/${BENCH_NAME:-gpu_h200}" \
-  --max-seconds $BS ${BENCH_ARGS:-} > "$L/${BENCH_NAME:-gpu_h200}.log" 2>&1 &
+bench 0
 wait $P1 $P2; echo "fine-tunes ended at $(el) s" >> "$L/timeline.txt"
-last() { ls -d "$W/$1"/epoch_*_step_* | awk -F_ '{print $NF, $0}' | sort -n | tail -1 | cut -d' ' -f2; }
 grid=(--set eval_mode=true --set niah_samples_per_cell=5
       --set "niah_context_lens_eval=${GRID_LENS:-[1000,2000,4000,8000,16000,32000,64000,128000]}")
-run 1 grid_ft_deci "${grid[@]}" --set load_cp="$(last ft_deci)" "${deci[@]}" &
-run 2 grid_ft_control "${grid[@]}" --set load_cp="$(last ft_control)" --set activate_decimation=false &
+run 1 grid_ft_deci "${grid[@]}" --set load_cp="$(last $W/ft_deci)" "${deci[@]}" &
+run 2 grid_ft_control "${grid[@]}" --set load_cp="$(last $W/ft_control)" --set activate_decimation=false &
 wait $TESTS
-run 3 grid_ft_control_plus_deci "${grid[@]}" --set load_cp="$(last ft_control)" "${deci[@]}" &
+run 3 grid_ft_control_plus_deci "${grid[@]}" --set load_cp="$(last $W/ft_control)" "${deci[@]}" &
 wait
 echo "grids ended at $(el) s" >> "$L/timeline.txt"
-for r in ft_deci ft_control; do python3 tools/export_checkpoint.py "$(last $r)" "$W/export_$r" >> "$L/export.log" 2>&1; done
+for r in ft_deci ft_control; do python3 tools/export_checkpoint.py "$(last $W/$r)" "$W/export_$r" >> "$L/export.log" 2>&1; done
 P=$(basename $W)   # files come back at <= 16 MiB each
 tar czf "$OUT/study_results.tgz" -C "$(dirname $W)" --exclude='*/epoch_*' --exclude='*/best_model' --exclude='*/export_*' "$P"
 for r in ft_deci ft_control; do tar czf "$OUT/$r.tgz" -C "$(dirname $W)" "$P/export_$r"; done

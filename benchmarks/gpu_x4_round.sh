@@ -13,11 +13,9 @@
 # time: no rebuild).
 set -u
 OUT=${OUT:-gpu_out}; L=$OUT/logs; PK=${PK:-/tmp/pk}; mkdir -p "$L" "$PK"
-T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=/tmp/site:$PWD TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl
-NG=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$NG" -gt 0 ] || NG=1
-gpu() { echo $(( $1 % NG )); }   # fewer than 4 GPUs: jobs share them (benchmarks then share with training)
+MORE=0; [ "${1:-}" = "--more" ] && { MORE=1; shift; }
+TRAIN_END=${1:-430}; END=${2:-560}
+. benchmarks/gpu_common.sh
 restore_kernels() {  # kernels saved by an earlier session (carried as .kwheels/): seconds, not a 6-min build
   ls .kwheels/kwheels.part_* >/dev/null 2>&1 || return 0
   mkdir -p /tmp/site && cat .kwheels/kwheels.part_* | xz -d | tar xf - -C /tmp/site
@@ -35,9 +33,6 @@ ship_kernels() {    # ... into $OUT if they all fit
   if [ "$n" -le 8 ] && [ $(( ${used:-0} + add )) -le $(( 62 * 1048576 )) ]; then cp /tmp/kwheels.part_* "$OUT/"
   else echo "kernels not shipped: $n files, $(( (${used:-0} + add) / 1048576 )) MiB" >> "$OUT/wheels.txt"; fi
 }
-have_kernels() { python3 -c 'import torch, selective_scan_cuda, causal_conv1d_cuda' 2>/dev/null; }
-MORE=0; [ "${1:-}" = "--more" ] && { MORE=1; shift; }
-TRAIN_END=${1:-430}; END=${2:-560}
 LENS='[1000,2000,4000,8000,16000,32000,64000,128000,256000,512000,1048576]'
 
 train_bg() {  # name gpu args... ; the python pid goes to PID (no subshell: it stays our child)
@@ -52,20 +47,12 @@ resume_or_start() {  # name gpu seconds
     train_bg "$1" "$2" --config "configs/passkey_small_$1.json" --run-name "$1" --set output_dir=$PK --set max_train_seconds="$3"
   fi
 }
-bench() {  # GPU 3, in the background, to END - 60 s (at most 300 s); results as $L/${BENCH_NAME:-gpu_h200}.{md,json}
-  local bs=$(( END - 90 - $(el) )); [ $bs -gt 300 ] && bs=300
-  CUDA_VISIBLE_DEVICES=$(gpu 3) timeout $(( bs + 30 )) python3 benchmarks/bench_gpu.py --out "$L/${BENCH_NAME:-gpu_h200}" \
-    --max-seconds $bs ${BENCH_ARGS:-} > "$L/${BENCH_NAME:-gpu_h200}.log" 2>&1 &
-}
-last() { ls -d "$PK/$1"/epoch_*_step_* | awk -F_ '{print $NF, $0}' | sort -n | tail -1 | cut -d' ' -f2; }
-
 restore_kernels
 if [ $MORE = 0 ]; then
   nvidia-smi -L > "$L/gpus.txt"
   AT_START=0; BUILD=
   if have_kernels; then AT_START=1; echo "kernels restored from .kwheels" > "$L/build.log"
-  else (MAX_JOBS=${MAX_JOBS:-48} bash .device/build_kernels.sh .device > "$L/build.log" 2>&1
-        echo "build ended at $(el) s" >> "$L/build.log") & BUILD=$!
+  else start_build
   fi
   resume_or_start deci 0 $TRAIN_END; P0=$PID; resume_or_start vanilla 1 $TRAIN_END; P1=$PID
   [ -n "$BUILD" ] && wait $BUILD
@@ -79,11 +66,11 @@ if [ $MORE = 0 ]; then
   if have_kernels; then
     (CUDA_VISIBLE_DEVICES=$(gpu 2) timeout $(( END - 60 - $(el) )) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -rA \
        > "$L/gpu_tests_h200.log" 2>&1; echo "pytest rc $?" >> "$L/gpu_tests_h200.log") &
-    bench
+    bench 3
   fi
   wait $P0 $P1
 else   # a second call: benchmarks on GPU 3 if BENCH_ARGS is set, train on for SECONDS (if asked), then evaluate
-  [ -n "${BENCH_ARGS:-}" ] && have_kernels && bench
+  [ -n "${BENCH_ARGS:-}" ] && have_kernels && bench 3
   if [ "$TRAIN_END" -gt 0 ]; then
     resume_or_start deci 0 $TRAIN_END; P0=$PID; resume_or_start vanilla 1 $TRAIN_END; P1=$PID; wait $P0 $P1
   fi
@@ -95,13 +82,13 @@ ev() {  # run-name gpu config checkpoint
   CUDA_VISIBLE_DEVICES=$(gpu $2) timeout $(( END - 25 - $(el) )) python3 finetune_ssm.py --config "configs/passkey_small_$3.json" \
     --run-name "$1" --set load_cp="$4" $grid ${EXTRA_SET:-} > "$PK/$1.log" 2>&1
 }
-ev ${EV}_deci 0 deci "$(last deci)" & ev ${EV}_vanilla 1 vanilla "$(last vanilla)" &
-ev ${EV}_vanilla_plus_deci 2 deci "$(last vanilla)" &
+ev ${EV}_deci 0 deci "$(last $PK/deci)" & ev ${EV}_vanilla 1 vanilla "$(last $PK/vanilla)" &
+ev ${EV}_vanilla_plus_deci 2 deci "$(last $PK/vanilla)" &
 wait
 echo "evaluations ended at $(el) s" >> "$L/timeline.txt"
 rm -rf "$PK"/export_*
-python3 tools/export_checkpoint.py "$(last deci)" "$PK/export_deci" > "$L/export.log" 2>&1
-python3 tools/export_checkpoint.py "$(last vanilla)" "$PK/export_vanilla" >> "$L/export.log" 2>&1
+python3 tools/export_checkpoint.py "$(last $PK/deci)" "$PK/export_deci" > "$L/export.log" 2>&1
+python3 tools/export_checkpoint.py "$(last $PK/vanilla)" "$PK/export_vanilla" >> "$L/export.log" 2>&1
 P=$(basename $PK)   # files come back at <= 16 MiB each: results and each exported model apart
 tar czf "$OUT/pk_results.tgz" -C "$(dirname $PK)" --exclude='*/epoch_*' --exclude='*/best_model' --exclude='*/export_*' "$P"
 for r in deci vanilla; do tar czf "$OUT/pk_$r.tgz" -C "$(dirname $PK)" "$P/export_$r"; done

@@ -27,7 +27,7 @@ from configs import schema  # noqa: E402
 from custom_datasets.niah import FACT, NiahTask  # noqa: E402
 from custom_datasets.sources import load_tokenizer  # noqa: E402
 from models.mamba_lm import MambaLMHeadModel  # noqa: E402
-from modules.decimation import num_kept  # noqa: E402
+from modules.decimation import num_kept, token_scores  # noqa: E402
 
 COLS = ["layer", "L_base", "tokens", "samples", "key_kept_pct", "median_key_rank_pct", "k"]
 
@@ -42,25 +42,10 @@ def key_copies(prompt: list[int], needle: int, key: list[int], span: int) -> lis
 
 
 def layer_scores(model, ids: torch.Tensor) -> list[torch.Tensor]:
-    """‖Δ‖ per token (l,) at every layer, from one forward without decimation."""
-    scores, undo = [], []
-    for layer in model.backbone.layers:
-        mixer = layer.mixer
-        orig = mixer.project
-
-        def project(hidden, cache=None, _orig=orig, _mixer=mixer):
-            x, dt, B, C, z = _orig(hidden, cache)
-            scores.append(_mixer.delta_scores(dt)[0].float().cpu())
-            return x, dt, B, C, z
-        mixer.project = project
-        undo.append(mixer)
-    try:
-        with torch.no_grad():
-            model(ids, num_last_tokens=1)
-    finally:
-        for mixer in undo:
-            del mixer.project                     # back to the class method
-    return scores
+    """‖Δ‖ per token (l,) at every layer, from one recorded forward without decimation."""
+    with torch.no_grad():
+        debug = model(ids, num_last_tokens=1).debug_params
+    return [token_scores(layer["delta"])[0] for layer in debug]
 
 
 def main():
@@ -78,7 +63,8 @@ def main():
     cfg.update(niah_samples_per_cell=args.samples)
     tok = load_tokenizer(cfg["tokenizer"])
     task = NiahTask(cfg, tok, train=False)
-    model = MambaLMHeadModel.from_pretrained(args.checkpoint, device=args.device).eval()
+    model = MambaLMHeadModel.from_pretrained(args.checkpoint, device=args.device,   # records Δ of every layer
+                                             decimation_config=dict(activate=False, record_debug_params=True)).eval()
     span = len(tok.encode(FACT.format(k="00000")))
     hits = {}      # (layer, L_base, length) -> list of (kept?, best key rank percentile)
     rows, t0 = [], time.time()

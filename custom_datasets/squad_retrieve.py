@@ -128,7 +128,7 @@ class SquadRetrieveTask(Task):
         text, gid = self.build_docs(self.train_rows, self.train_idx, int(self.train_idx["has_answer"][index]),
                                     index, n, index * n, rng)
         if self.cfg["multidoc_original_format"]:     # B5 as published: sequence and label tokenised apart
-            full = self.tok.encode(text + ORIGINAL_PROMPT_END.rstrip(" ") + " " + ORIGINAL_LABEL.format(i=gid))
+            full = self.tok.encode(text + ORIGINAL_PROMPT_END + ORIGINAL_LABEL.format(i=gid))
             return [TrainChunk(full, self.tok.encode(ORIGINAL_LABEL.format(i=gid)))]
         label = self.tok.encode(ANSWER.format(i=gid))
         return [TrainChunk(self.tok.encode(text + PROMPT_END) + label, label)]

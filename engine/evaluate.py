@@ -23,7 +23,7 @@ def evaluate(task, model, device, run_dir: str, identity: dict, train_len=None, 
     model.eval()
     try:
         pending = [c for c in cells if tuple(c[a] for a in task.axes) not in done]
-        groups = _groups(task, pending)
+        groups = cell_groups(task, pending)
         bar = tqdm(total=len(cells), initial=len(cells) - len(pending), desc=f"eval {task.name} step {identity['step']}",
                    unit="cell", disable=quiet)
         for group in groups:
@@ -58,7 +58,7 @@ def evaluate(task, model, device, run_dir: str, identity: dict, train_len=None, 
     return score, table, records
 
 
-def _groups(task, cells):
+def cell_groups(task, cells):
     """Cells a task can run as one batch (same group_key), in first-appearance order; else singletons."""
     if not hasattr(task, "run_cells"):
         return [[c] for c in cells]

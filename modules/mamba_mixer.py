@@ -27,7 +27,7 @@ from modules import kernels
 from modules.decimation import DecimationConfig, gather_tokens, kept_from_scores, kept_indices, token_scores
 from modules.selective_scan import selective_scan
 
-SCORE_BLOCK = 1 << 16   # tokens per block when scoring by ‖Δ‖ (streaming uses the same 64K chunks)
+SCORE_BLOCK = 1 << 16   # tokens per block when scoring by ‖Δ‖ (bounds the fp32 Δ held at once)
 
 
 class MambaMixer(nn.Module):

@@ -16,6 +16,7 @@ kernel does), so training memory stays O(b·d·l) rather than O(b·d·l·n).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -190,18 +191,14 @@ def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None
     return (out, h) if return_last_state else out
 
 
-_TRITON = []
-
-
+@functools.cache
 def _triton_correction():
     """modules.triton_correction.initial_state_correction, or None where Triton cannot be imported."""
-    if not _TRITON:
-        try:
-            from modules.triton_correction import initial_state_correction as fn
-        except ImportError:
-            fn = None
-        _TRITON.append(fn)
-    return _TRITON[0]
+    try:
+        from modules.triton_correction import initial_state_correction
+    except ImportError:
+        return None
+    return initial_state_correction
 
 
 def initial_state_correction(delta, A, C, initial_state, delta_bias=None, delta_softplus=False):
@@ -214,8 +211,9 @@ def initial_state_correction(delta, A, C, initial_state, delta_bias=None, delta_
     stored); this torch code is its reference and the CPU path.
     """
     f = torch.promote_types(delta.dtype, torch.float32)
-    if delta.is_cuda and f == torch.float32 and C.dim() == 3 and _triton_correction() is not None:
-        return _triton_correction()(delta, A, C, initial_state, delta_bias, delta_softplus)
+    fused = _triton_correction() if delta.is_cuda and f == torch.float32 and C.dim() == 3 else None
+    if fused is not None:
+        return fused(delta, A, C, initial_state, delta_bias, delta_softplus)
     A, h0 = A.to(f), initial_state.to(f)
     cum = torch.cumsum(_step_size(delta, delta_bias, delta_softplus, f), dim=-1)                                                   # (b, e, l)
     dy = torch.zeros_like(cum)

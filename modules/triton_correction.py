@@ -95,9 +95,9 @@ def initial_state_correction(delta, A, C, initial_state, delta_bias=None, delta_
                  BLOCK_L=BLOCK_L)
     seg = torch.empty(bsz, d, n_seg, device=delta.device, dtype=torch.float32)
     _segment_sums[grid](delta, bias, seg, d, length, *delta.stride(), n_seg, **flags)
-    total = seg.sum(-1)
-    start = F.pad(torch.cumsum(seg, -1)[..., :-1], (1, 0)).contiguous()  # exclusive: Δ before each segment
+    cum = torch.cumsum(seg, -1)
+    start = F.pad(cum[..., :-1], (1, 0)).contiguous()                   # exclusive: Δ before each segment
     dy = torch.empty(bsz, d, length, device=delta.device, dtype=torch.float32)
     _correction[grid](delta, bias, A, C, h0, start, dy, d, length, n_seg, *delta.stride(), *A.stride(),
                       *C.stride(), *h0.stride(), N=n, **flags)
-    return dy, torch.exp(total[:, :, None] * A[None])
+    return dy, torch.exp(cum[:, :, -1:] * A[None])

@@ -8,14 +8,21 @@ import finetune_ssm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CKPT = os.path.join(ROOT, "checkpoints", "passkey_small_deci")
+needs_checkpoint = pytest.mark.skipif(not os.path.exists(os.path.join(CKPT, "model.safetensors")),
+                                      reason="no shipped checkpoint")
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(CKPT, "model.safetensors")), reason="no shipped checkpoint")
-def test_shipped_checkpoint_retrieves_passkeys_with_decimation(tmp_path):
+def _demo_eval(tmp_path, name, *extra):
+    """The demo config on the shipped checkpoint, with --set overrides; the run's result records."""
     assert finetune_ssm.main(["--config", os.path.join(ROOT, "configs", "demo_checkpoint.json"), "--device", "cpu",
-                              "--run-name", "demo", "--set", f"output_dir={tmp_path}", "--set", f"load_cp={CKPT}",
-                              "--set", "niah_context_lens_eval=[1000, 4000]", "--set", "niah_samples_per_cell=2"]) == 0
-    rows = [json.loads(x) for x in open(tmp_path / "demo" / "results.jsonl")]
+                              "--run-name", name, "--set", f"output_dir={tmp_path}", "--set", f"load_cp={CKPT}",
+                              *extra]) == 0
+    return [json.loads(x) for x in open(tmp_path / name / "results.jsonl")]
+
+
+@needs_checkpoint
+def test_shipped_checkpoint_retrieves_passkeys_with_decimation(tmp_path):
+    rows = _demo_eval(tmp_path, "demo", "--set", "niah_context_lens_eval=[1000, 4000]", "--set", "niah_samples_per_cell=2")
     assert len(rows) == 10 and {r["ctx_len"] for r in rows} == {1000, 4000}
     correct = sum(r["correct"] for r in rows)
     # Decimation is active here (layer 3 keeps 500 of 1K-4K tokens). Recorded grids of this model:
@@ -27,15 +34,12 @@ def test_shipped_checkpoint_retrieves_passkeys_with_decimation(tmp_path):
     assert cfg["activate_decimation"] and cfg["decimating_layers"] == [3] and cfg["decimation_max_p_L_base"] == 500
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(CKPT, "model.safetensors")), reason="no shipped checkpoint")
+@needs_checkpoint
 def test_streamed_prefill_in_eval_gives_the_same_answers(tmp_path):
     """eval_prefill_chunk_size streams each prompt (4K tokens in chunks of 1,000) with the same
     answers as the one-shot prefill, decimation included."""
-    runs = {}
-    for name, extra in (("one_shot", []), ("streamed", ["--set", "eval_prefill_chunk_size=1000"])):
-        assert finetune_ssm.main(["--config", os.path.join(ROOT, "configs", "demo_checkpoint.json"), "--device", "cpu",
-                                  "--run-name", name, "--set", f"output_dir={tmp_path}", "--set", f"load_cp={CKPT}",
-                                  "--set", "niah_context_lens_eval=[4000]", "--set", "niah_samples_per_cell=2"] + extra) == 0
-        runs[name] = [json.loads(x) for x in open(tmp_path / name / "results.jsonl")]
+    grid = ["--set", "niah_context_lens_eval=[4000]", "--set", "niah_samples_per_cell=2"]
+    runs = {"one_shot": _demo_eval(tmp_path, "one_shot", *grid),
+            "streamed": _demo_eval(tmp_path, "streamed", *grid, "--set", "eval_prefill_chunk_size=1000")}
     assert [r["responses"] for r in runs["streamed"]] == [r["responses"] for r in runs["one_shot"]]
     assert sum(r["correct"] for r in runs["streamed"]) >= 8       # and they are mostly right (as above)
