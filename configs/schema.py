@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-TASK_NAMES = ("niah_custom", "squad_retrieve", "ppl_test")
+from custom_datasets import TASK_NAMES  # the one task registry
 
 
 class ConfigError(ValueError):
@@ -129,6 +129,12 @@ KEYS: list[Key] = [
     K("multidoc_dedup_noise", "bool", True, "never repeat a paragraph (or the golden one) as noise in a sample", original=False),
     K("pg19_dir", "str", "artifacts/ppl_test/pg19", "folder of {train,test}_set.pt written by custom_datasets/tokenize_pg19.py", original=False),
     K("ppl_test_max_books", "int?", None, "evaluate at most this many books (null: all)", _pos, "> 0", original=False),
+    K("lm_corpus_dir", "str", "artifacts/lm_corpus", "lm_corpus: folder of <split>.<tag>.bin/.json shards written by custom_datasets/tokenize_corpus.py", original=False),
+    K("lm_context_len_train", "int", 2048, "lm_corpus: training window (tokens)", _pos, "> 0", original=False),
+    K("lm_train_samples_per_epoch", "int?", None, "lm_corpus: windows per epoch (null: train tokens // lm_context_len_train)", _pos, "> 0", original=False),
+    K("lm_eval_split", "str", "validation", "lm_corpus: split evaluated during training", original=False),
+    K("lm_eval_context_lens", "list[int]", [2048], "lm_corpus: evaluated window lengths", lambda v: v and all(x > 1 for x in v), "non-empty, each > 1", original=False),
+    K("lm_eval_windows", "int", 32, "lm_corpus: evaluation windows per length, spread evenly over the split", _pos, "> 0", original=False),
     K("find_deci_layer_candidates", "list[int]?", None, "layers swept by find_deci_layer (null: 8..n_layer-1, or all if n_layer <= 8)", original=False),
     K("wandb_project", "str", "icl_ssm", "wandb project", original=False),
     K("wandb_mode", "str?", None, "wandb mode: 'online', 'offline' or 'disabled' (null: online only if WANDB_API_KEY is set)", lambda v: v in ("online", "offline", "disabled"), "one of ['online', 'offline', 'disabled']", original=False),

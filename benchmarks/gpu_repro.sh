@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The reproduction on one H200 (issue 13), in consecutive 10-minute calls on the warm machine:
+#   bash benchmarks/gpu_repro.sh pretrain END_S      call 1: unpack + tokenize the carried Gutenberg parts and build
+#                                                     the kernels at once; pretrain on the torch path meanwhile, then
+#                                                     on the kernels (SIGTERM -> checkpoint -> --resume) until END_S
+#   bash benchmarks/gpu_repro.sh more END_S          later calls: tokenize newly carried parts, resume pretraining
+# Every call brings back the latest pretrained weights (bf16, A_log/D fp32) in <= 15 MiB parts and a log archive.
+# Carried: .data/gutenberg/ (xz parts of ../shared/data/gutenberg), .device/ (kernel sources + build script),
+# and the code snapshot .snap/ (git archive of the commit that runs: the tree around it may hold unfinished edits).
+set -u
+OUT=${OUT:-gpu_out}; L=$OUT/logs; mkdir -p "$L"
+STAGE=$1; END=${2:-560}
+T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true
+export PYTHONPATH=/tmp/site:$PWD/.snap
+ROOT=$PWD; CORPUS=/tmp/lm_corpus; RUNS=/tmp/runs; RUN=$RUNS/pretrain; mkdir -p $CORPUS $RUNS
+cd .snap; ln -sfn "$ROOT/data" data
+have_kernels() { python3 -c 'import torch, selective_scan_cuda, causal_conv1d_cuda' 2>/dev/null; }
+tokenize() {  # every carried part not yet tokenized, in parallel
+  local pids=""
+  for f in "$ROOT"/.data/gutenberg/*.tar.xz*; do
+    case $f in *validation*) s=validation;; *test*) s=test;; *) s=train;; esac
+    python3 custom_datasets/tokenize_corpus.py --split $s --out $CORPUS $([ $s = train ] || echo --pg19) "$f" \
+      >> "$L/tokenize.log" 2>&1 & pids="$pids $!"
+  done
+  wait $pids
+}
+train() {  # in the background (pid TRAIN): resume the run if it has a checkpoint, else start it
+  if ls -d $RUN/epoch_*_step_* >/dev/null 2>&1; then
+    python3 finetune_ssm.py --resume $RUN >> "$L/pretrain.log" 2>&1 &
+  else
+    rm -rf $RUN
+    python3 finetune_ssm.py --config configs/pretrain_gutenberg.json --run-name pretrain \
+      --set output_dir=$RUNS --set lm_corpus_dir=$CORPUS >> "$L/pretrain.log" 2>&1 &
+  fi
+  TRAIN=$!
+}
+stop_train() { kill -TERM $TRAIN 2>/dev/null; wait $TRAIN; echo "trainer stopped at $(el) s" >> "$L/pretrain.log"; }
+ship() {  # latest pretrained weights (bf16 export) + logs into $OUT
+  local last; last=$(ls -d $RUN/epoch_*_step_* 2>/dev/null | awk -F_ '{print $NF, $0}' | sort -n | tail -1 | cut -d' ' -f2)
+  if [ -n "$last" ]; then
+    rm -rf /tmp/export; mkdir -p /tmp/export; cp "$last"/config.json "$last"/finetune_ssm_config.json /tmp/export/
+    python3 -c 'import sys, torch; from safetensors.torch import load_file, save_file
+keep = ("A_log", ".D", "dt_proj.bias")   # fp32 as upstream stores them; the rest bf16
+sd = load_file(sys.argv[1]); save_file({k: v if k.endswith(keep) else v.to(torch.bfloat16) for k, v in sd.items()}, sys.argv[2])' \
+      "$last/model.safetensors" /tmp/export/model.safetensors && echo "$last" > /tmp/export/SOURCE && \
+      (cd /tmp/export && tar cf - . | split -b 15M - "$ROOT/$OUT/pretrained.tar.part_")
+  fi
+  cp $RUN/train_log.jsonl $RUN/results.jsonl $RUN/config.json "$L/" 2>/dev/null
+  nvidia-smi > "$L/nvidia-smi.txt" 2>&1; ls -la $CORPUS > "$L/corpus.txt"; cat $CORPUS/*.json | head -c 2000 >> "$L/corpus.txt"
+  tar czf "$ROOT/$OUT/logs.tgz" -C "$ROOT/$OUT" logs && rm -rf "$ROOT/$OUT/logs"
+}
+case $STAGE in
+  pretrain)
+    (MAX_JOBS=14 bash "$ROOT"/.device/build_kernels.sh "$ROOT"/.device > "$L/build.log" 2>&1; echo "build ended at $(el) s" >> "$L/build.log") &
+    BUILD=$!
+    tokenize; echo "tokenized at $(el) s" >> "$L/tokenize.log"
+    train
+    while kill -0 $BUILD 2>/dev/null && [ $(el) -lt $(( END - 60 )) ]; do sleep 5; done
+    if have_kernels && kill -0 $TRAIN 2>/dev/null; then stop_train; train; fi
+    while kill -0 $TRAIN 2>/dev/null && [ $(el) -lt $(( END - 40 )) ]; do sleep 5; done
+    stop_train; ship ;;
+  more)
+    tokenize; echo "tokenized at $(el) s" >> "$L/tokenize.log"
+    train
+    while kill -0 $TRAIN 2>/dev/null && [ $(el) -lt $(( END - 40 )) ]; do sleep 5; done
+    stop_train; ship ;;
+esac
+echo "done at $(el) s"

@@ -1,0 +1,82 @@
+"""Mamba Mean Distance per layer: how far back each layer's hidden attention reaches.
+
+    python tools/mean_distance.py --model DIR --corpus artifacts/lm_corpus --split validation --out md.json
+
+DeciMamba (§4) decimates at the first "global" layer, found from the hidden-attention maps. For
+each layer, windows of ``--tokens`` tokens from the corpus split run through the model with the
+SSM parameters recorded (custom_datasets/debug_params.py); for ``--channels`` evenly spaced
+channels, α = hidden_attention(Δ, A, B, C) (modules/hidden_attention.py); each row's |α| is
+normalised to sum 1 and its mean distance is Σ_j p_ij (i − j); the layer's value is the mean over
+channels, windows and the rows of the second half (rows with at least l/2 tokens behind them).
+Rule used here (ours; the paper reads the maps by eye): the first global layer is the first whose
+mean distance is at least ``--global-frac`` of the largest layer's. Prints a table and the layer;
+writes JSON with every value, the command and the model's digest.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from custom_datasets.debug_params import load_recorded, record_prompt_params  # noqa: E402
+from custom_datasets.lm_corpus import load_split  # noqa: E402
+from models import MambaLMHeadModel  # noqa: E402
+from modules.hidden_attention import default_channels, hidden_attention  # noqa: E402
+
+
+def layer_mean_distance(layer: dict, channels: list[int]) -> float:
+    att = hidden_attention(layer["delta"], layer["A"], layer["B"], layer["C"], channels).abs()   # (c, l, l)
+    length = att.shape[-1]
+    p = att / att.sum(-1, keepdim=True).clamp_min(1e-30)
+    dist = torch.arange(length, dtype=torch.float32)[:, None] - torch.arange(length, dtype=torch.float32)[None, :]
+    md = (p * dist.clamp_min(0)).sum(-1)                                                      # (c, l)
+    return float(md[:, length // 2:].mean())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint directory")
+    ap.add_argument("--corpus", required=True, help="lm_corpus_dir")
+    ap.add_argument("--split", default="validation")
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--channels", type=int, default=16)
+    ap.add_argument("--global-frac", type=float, default=0.5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None, help="JSON file to write")
+    args = ap.parse_args(argv)
+    model = MambaLMHeadModel.from_pretrained(args.model, device=args.device, dtype=torch.float32)
+    shards = load_split(args.corpus, args.split)
+    toks = np.concatenate([np.asarray(s.tokens) for s in shards])
+    starts = np.linspace(0, len(toks) - args.tokens - 1, args.windows).astype(np.int64)
+    channels = default_channels(model.backbone.layers[0].mixer.d_inner, args.channels)
+    per_layer = np.zeros((args.windows, model.config.n_layer))
+    with tempfile.TemporaryDirectory() as tmp:
+        for w, s in enumerate(starts):
+            ids = torch.from_numpy(toks[s:s + args.tokens].astype(np.int64))[None].to(args.device)
+            layers, _ = load_recorded(record_prompt_params(model, ids, tmp, f"w{w}", {}))
+            per_layer[w] = [layer_mean_distance(layer, channels) for layer in layers]
+    md = per_layer.mean(0)
+    first = int(np.argmax(md >= args.global_frac * md.max()))
+    for i, v in enumerate(md):
+        print(f"layer {i:2d}: mean distance {v:8.1f} tokens ({v / args.tokens:.3f} of the window)"
+              + ("   <- first global layer" if i == first else ""))
+    result = {"command": " ".join(sys.argv), "model": os.path.abspath(args.model), "tokens": args.tokens,
+              "windows": args.windows, "channels": channels, "global_frac": args.global_frac,
+              "mean_distance": md.round(2).tolist(), "per_window": per_layer.round(2).tolist(),
+              "first_global_layer": first}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(f"first_global_layer={first}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
