@@ -8,7 +8,7 @@
 # Carried: .data/gutenberg/ (xz parts of ../shared/data/gutenberg), .device/ (kernel sources + build script),
 # and the code snapshot .snap/ (git archive of the commit that runs: the tree around it may hold unfinished edits).
 set -u
-OUT=${OUT:-gpu_out}; L=$OUT/logs; mkdir -p "$L"
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT/logs"; OUT=$(cd "$OUT" && pwd); L=$OUT/logs
 STAGE=$1; END=${2:-560}
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true
@@ -44,11 +44,11 @@ ship() {  # latest pretrained weights (bf16 export) + logs into $OUT
 keep = ("A_log", ".D", "dt_proj.bias")   # fp32 as upstream stores them; the rest bf16
 sd = load_file(sys.argv[1]); save_file({k: v if k.endswith(keep) else v.to(torch.bfloat16) for k, v in sd.items()}, sys.argv[2])' \
       "$last/model.safetensors" /tmp/export/model.safetensors && echo "$last" > /tmp/export/SOURCE && \
-      (cd /tmp/export && tar cf - . | split -b 15M - "$ROOT/$OUT/pretrained.tar.part_")
+      (cd /tmp/export && tar cf - . | split -b 15M - "$OUT/pretrained.tar.part_")
   fi
   cp $RUN/train_log.jsonl $RUN/results.jsonl $RUN/config.json "$L/" 2>/dev/null
   nvidia-smi > "$L/nvidia-smi.txt" 2>&1; ls -la $CORPUS > "$L/corpus.txt"; cat $CORPUS/*.json | head -c 2000 >> "$L/corpus.txt"
-  tar czf "$ROOT/$OUT/logs.tgz" -C "$ROOT/$OUT" logs && rm -rf "$ROOT/$OUT/logs"
+  tar czf "$OUT/logs.tgz" -C "$ROOT/$OUT" logs && rm -rf "$OUT/logs"
 }
 case $STAGE in
   pretrain)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from engine.errors import BadFileError
 from models.hub import HubUnavailableError, hub_reachable, resolve_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +26,12 @@ class Tokenizer:
         from tokenizers import Tokenizer as _Tok
 
         self.path = path
-        self._tok = _Tok.from_file(path)
+        try:
+            self._tok = _Tok.from_file(path)
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception for a damaged file
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise BadFileError(f"{path}: not a readable tokenizer.json ({first}); pass a GPT-NeoX "
+                               f"tokenizer.json or a directory holding one (--set tokenizer=PATH)") from None
         self.eos_token = "<|endoftext|>"
         self.eos_token_id = self._tok.token_to_id(self.eos_token)
         if self.eos_token_id is None:
@@ -83,8 +89,12 @@ def wikitext_rows(dataset: str, split: str, cache_dir=None) -> list[str]:
 
 
 def _raw_rows(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError as exc:
+        raise BadFileError(f"{path}: not UTF-8 text (byte {exc.start}); pass a directory of WikiText-2 "
+                           f"raw files (wiki.<split>.raw) as niah_noise_dataset") from None
     if lines and lines[-1] == "":
         lines.pop()
     return [line + "\n" if line.strip() else "" for line in lines]

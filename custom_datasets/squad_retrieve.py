@@ -20,7 +20,6 @@ fixed seeds (the original arrays index hub rows only).
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 
@@ -29,6 +28,7 @@ import torch
 
 from custom_datasets.base import Task, TrainChunk, pretty_table, sample_seed
 from custom_datasets.sources import REPO, load_hf_dataset
+from engine.errors import BadFileError, read_json
 
 DOC = " <|Query|> {q} <|Document {i}|> {doc}"
 PROMPT_END = " <|Answer|> <|Document"
@@ -45,12 +45,16 @@ def load_squad_rows(source: str, cache_dir=None) -> list[dict]:
     if source.endswith(".json"):
         if not os.path.isfile(source):
             raise FileNotFoundError(f"SQuAD file {source!r} does not exist")
-        with open(source) as f:
-            data = json.load(f)
-        if "data" not in data:
-            raise ValueError(f"{source!r} is not in SQuAD format (no top-level 'data')")
-        return [{"question": qa["question"], "context": p["context"], "has_answer": bool(qa["answers"])}
-                for art in data["data"] for p in art["paragraphs"] for qa in p["qas"]]
+        what = "pass a SQuAD v2-format .json (--set squad_eval_source=PATH / squad_train_source=PATH)"
+        data = read_json(source, what)
+        if not isinstance(data, dict) or "data" not in data:
+            raise BadFileError(f"{source}: not in SQuAD format (no top-level 'data'); {what}")
+        try:
+            return [{"question": str(qa["question"]), "context": str(p["context"]), "has_answer": bool(qa["answers"])}
+                    for art in data["data"] for p in art["paragraphs"] for qa in p["qas"]]
+        except (KeyError, TypeError) as exc:
+            raise BadFileError(f"{source}: not in SQuAD format (data -> paragraphs -> context, qas -> question, "
+                               f"answers; {type(exc).__name__}: {exc}); {what}") from None
     repo, _, split = source.rpartition(":")
     if not repo or split not in ("train", "validation"):
         raise ValueError(f"SQuAD source {source!r}: expected '<hub id>:<train|validation>' or a local .json file")
