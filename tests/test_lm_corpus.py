@@ -1,0 +1,125 @@
+"""The lm_corpus pretraining task and its tokenizer script (custom_datasets/{lm_corpus,tokenize_corpus}.py)."""
+import io
+import json
+import math
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from custom_datasets.lm_corpus import LMCorpusTask, Shard
+from custom_datasets.sources import BUNDLED_TOKENIZER, load_tokenizer
+from custom_datasets.tokenize_corpus import main as tokenize_main
+
+BOOKS = {"101": "It was a dark and stormy night; the rain fell in torrents. " * 40,
+         "102": "Call me Ishmael. Some years ago, never mind how long precisely. " * 30}
+
+
+def make_tar(path, books, split="train"):
+    with tarfile.open(path, "w:xz") as tar:
+        for book_id, text in books.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"{split}/{book_id}.txt")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    out = tmp_path / "corpus"
+    for split in ("train", "validation"):
+        make_tar(tmp_path / f"{split}.tar.xz", BOOKS, split)
+        assert tokenize_main(["--split", split, "--out", str(out), str(tmp_path / f"{split}.tar.xz")]) == 0
+    return out
+
+
+def cfg(corpus_dir, **kw):
+    return {"lm_corpus_dir": str(corpus_dir), "lm_context_len_train": 64, "lm_eval_split": "validation",
+            "lm_eval_context_lens": [32, 64], "lm_eval_windows": 4, "lm_train_samples_per_epoch": None, "seed": 7, **kw}
+
+
+def test_shard_holds_each_book_then_eos(corpus):
+    tok = load_tokenizer(BUNDLED_TOKENIZER)
+    shard = Shard(str(corpus / "train.train.bin"))
+    expected = []
+    for text in BOOKS.values():                      # archive order, each book followed by <|endoftext|>
+        expected += tok.encode(text) + [tok.eos_token_id]
+    assert shard.tokens.tolist() == expected
+    assert [b["id"] for b in shard.meta["books"]] == list(BOOKS)
+    assert shard.meta["books"][1]["offset"] == shard.meta["books"][0]["tokens"] + 1
+
+
+def test_rerun_keeps_shard_and_other_input_is_refused(corpus, tmp_path, capsys):
+    make_tar(tmp_path / "train.tar.xz", BOOKS)       # same bytes as the fixture's
+    assert tokenize_main(["--split", "train", "--out", str(corpus), str(tmp_path / "train.tar.xz")]) == 0
+    assert "already tokenized" in capsys.readouterr().out
+    make_tar(tmp_path / "train.tar.xz", {"103": "Other text entirely. " * 50})
+    assert tokenize_main(["--split", "train", "--out", str(corpus), str(tmp_path / "train.tar.xz")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exists for another input" in err[0]
+
+
+def test_truncated_shard_is_one_clear_error(corpus):
+    path = corpus / "train.train.bin"
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 2)
+    with pytest.raises(ValueError, match="truncated copy"):
+        Shard(str(path))
+
+
+def test_train_items_are_windows_and_deterministic(corpus):
+    tok = load_tokenizer(BUNDLED_TOKENIZER)
+    task = LMCorpusTask(cfg(corpus), tok)
+    flat = np.asarray(Shard(str(corpus / "train.train.bin")).tokens).tolist()
+    assert task.train_len() == len(flat) // 64
+    seen = set()
+    for i in range(20):
+        (chunk,) = task.train_item(i, 0)
+        assert len(chunk.input_ids) == 64 and chunk.labels == chunk.input_ids[1:]
+        starts = [s for s in range(len(flat) - 63) if flat[s:s + 64] == chunk.input_ids]
+        assert starts, "a window must be a contiguous run of the shard"
+        seen.add(starts[0])
+        assert task.train_item(i, 0)[0].input_ids == chunk.input_ids       # pure function of (seed, epoch, index)
+    assert len(seen) > 10                                                   # and not the same window each time
+    assert task.train_item(0, 1)[0].input_ids != task.train_item(0, 0)[0].input_ids
+
+
+def test_eval_perplexity_equals_direct_computation(corpus):
+    tok = load_tokenizer(BUNDLED_TOKENIZER)
+    task = LMCorpusTask(cfg(corpus), tok, train=False)
+    torch.manual_seed(0)
+    vocab = tok.vocab_size
+    emb = torch.randn(vocab, 8)
+
+    class Bigram(torch.nn.Module):        # any causal model will do: logits depend on the current token only
+        def forward(self, x, num_last_tokens=0):
+            logits = emb[x] @ emb.T
+            return type("Out", (), {"logits": logits[:, -num_last_tokens:]})()
+
+    res = task.run_cell(Bigram(), {"ctx_len": 32}, "cpu")
+    flat = np.asarray(Shard(str(corpus / "validation.validation.bin")).tokens)
+    starts = np.linspace(0, len(flat) - 33, 4).astype(int)
+    nll = []
+    for s in starts:
+        w = torch.from_numpy(flat[s:s + 33].astype(np.int64))
+        logp = torch.log_softmax(emb[w[:-1]] @ emb.T, -1)
+        nll += (-logp[torch.arange(32), w[1:]]).tolist()
+    assert res["scored_tokens"] == 4 * 32 and res["windows"] == 4
+    assert res["score"] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)   # fp32 sums in another order
+
+
+def test_missing_corpus_names_the_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenize_corpus.py"):
+        LMCorpusTask(cfg(tmp_path / "nothing"), load_tokenizer(BUNDLED_TOKENIZER))
+
+
+def test_shipped_pretraining_config_loads():
+    from configs import schema
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "pretrain_gutenberg.json")
+    conf, _ = schema.load(path, device="cpu")
+    assert conf["dataset"] == "lm_corpus" and conf["scratch_model_config"]["n_layer"] == 24
+    with open(path) as f:
+        assert json.load(f)["lm_context_len_train"] == 2048
