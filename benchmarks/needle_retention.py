@@ -44,7 +44,7 @@ def key_copies(prompt: list[int], needle: int, key: list[int], span: int) -> lis
 def layer_scores(model, ids: torch.Tensor) -> list[torch.Tensor]:
     """‖Δ‖ per token (l,) at every layer, from one recorded forward without decimation."""
     with torch.no_grad():
-        debug = model(ids, num_last_tokens=1).debug_params
+        debug = model(ids, num_last_tokens=1, record=True).debug_params
     return [token_scores(layer["delta"])[0] for layer in debug]
 
 
@@ -64,7 +64,7 @@ def main():
     tok = load_tokenizer(cfg["tokenizer"])
     task = NiahTask(cfg, tok, train=False)
     model = MambaLMHeadModel.from_pretrained(args.checkpoint, device=args.device,   # records Δ of every layer
-                                             decimation_config=dict(activate=False, record_debug_params=True)).eval()
+                                             decimation_config=dict(activate=False)).eval()
     span = len(tok.encode(FACT.format(k="00000")))
     hits = {}      # (layer, L_base, length) -> list of (kept?, best key rank percentile)
     rows, t0 = [], time.time()

@@ -15,15 +15,13 @@ from models.mamba_lm import atomic_write
 
 
 def record_prompt_params(model, input_ids, directory: str, name: str, meta: dict) -> str:
+    """One prefill forward of input_ids (1, l) with recording on; writes params_<name>.safetensors
+    under directory and returns its path. Generation and training never record (record_debug_params
+    only tells the passkey evaluation to call this, once per prompt)."""
     from safetensors.torch import save_file
 
-    was = model.decimation.record_debug_params
-    model.decimation.record_debug_params = True
-    try:
-        with torch.no_grad():
-            out = model(input_ids, num_last_tokens=1)
-    finally:
-        model.decimation.record_debug_params = was
+    with torch.no_grad():
+        out = model(input_ids, num_last_tokens=1, record=True)        # the only forward that records
     tensors = {}
     for i, layer in enumerate(out.debug_params):
         tensors[f"layer{i}.A"] = layer["A"].contiguous()

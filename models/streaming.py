@@ -16,11 +16,12 @@ import torch
 
 from models.mamba_lm import LMOutput
 from modules.block import add_norm
-from modules.decimation import DecimationConfig, gather_tokens, num_kept
+from modules.decimation import DecimationConfig, gather_tokens, num_kept, top_k_candidates
 
 
 class _TopK:
-    """Running top-k over chunks of candidates, each with its per-token tensors."""
+    """Running top-k over chunks of candidates, each with its per-token tensors. The selection is
+    modules/decimation.py's ``top_k_candidates`` (ties to the earlier position), as in one shot."""
 
     def __init__(self, k: int):
         self.k, self.score, self.pos, self.parts = k, None, None, None
@@ -32,7 +33,7 @@ class _TopK:
             pos = torch.cat([self.pos, pos], 1)
             parts = {n: (torch.cat([self.parts[n][0], t], d), d) for n, (t, d) in parts.items()}
         if score.shape[1] > self.k:
-            top = torch.topk(score, self.k, dim=1, sorted=False).indices
+            top = top_k_candidates(score, self.k, pos)
             score, pos = score.gather(1, top), pos.gather(1, top)
             parts = {n: (gather_tokens(t, top, d), d) for n, (t, d) in parts.items()}
         self.score, self.pos, self.parts = score, pos, parts
@@ -79,23 +80,27 @@ def streaming_prefill(model, input_ids, chunk_size: int = 32768, num_last_tokens
         h, residual = add_norm(layer.norm, hidden, residual, layer.residual_in_fp32, layer.mixer.backend)
         x, dt, B, C, z = layer.mixer.project(h, caches[first])
         pos = torch.arange(c0, c0 + ids.shape[1], device=ids.device).expand(bsz, -1)
-        parts = {"x": (x, 2), "dt": (dt, 2), "z": (z, 2), "B": (B, 2), "C": (C, 2), "res": (residual, 1)}
+        td = getattr(layer.mixer, "token_dim", 2)          # token axis of project()'s tensors (Mamba-2: 1)
+        parts = {"x": (x, td), "dt": (dt, td), "z": (z, td), "B": (B, td), "C": (C, td), "res": (residual, 1)}
         n_cand = max(0, min(ids.shape[1], l_dec - c0))
         if n_cand:
             cand = {n: (t.narrow(d, 0, n_cand), d) for n, (t, d) in parts.items()}
-            buf.add(layer.mixer.delta_scores(dt[:, :, :n_cand]), pos[:, :n_cand], cand)
+            buf.add(layer.mixer.delta_scores(dt.narrow(td, 0, n_cand)), pos[:, :n_cand], cand)
         if n_cand < ids.shape[1]:
             tail.append({n: (t.narrow(d, n_cand, ids.shape[1] - n_cand), d) for n, (t, d) in parts.items()})
     kept = []
     if buf is None:
         hidden, residual = last_hidden, last_residual
     else:
-        order = torch.sort(buf.pos, dim=1)
-        parts = {n: gather_tokens(t, order.indices, d) for n, (t, d) in buf.parts.items()} if buf.parts else {}
+        parts, positions = {}, torch.empty(bsz, 0, dtype=torch.long, device=input_ids.device)
+        if buf.pos is not None:                              # None: no candidate (prompt <= protected tail)
+            order = torch.sort(buf.pos, dim=1)
+            parts = {n: gather_tokens(t, order.indices, d) for n, (t, d) in buf.parts.items()}
+            positions = order.values
         for piece in tail:                                   # the protected tail, in order
             parts = {n: (torch.cat([parts[n], t], d) if n in parts else t) for n, (t, d) in piece.items()}
-        positions = torch.cat([order.values] + [torch.arange(l_dec, length, device=input_ids.device).expand(bsz, -1)], 1) \
-            if resp else order.values
+        if resp:
+            positions = torch.cat([positions, torch.arange(l_dec, length, device=input_ids.device).expand(bsz, -1)], 1)
         mixer = bb.layers[first].mixer
         hidden = mixer.scan(parts["x"], parts["dt"], parts["B"], parts["C"], parts["z"], caches[first])
         residual = parts["res"]

@@ -8,7 +8,12 @@ decimating layer;  L_base  token budget at the first decimating layer;  min_seq_
 A candidate's score is the L2 norm over channels of Δ = softplus(dt + dt_bias); the
 k = int(max(min(L_dec, L_base·β^s), min_seq_len)) highest-scoring candidates are kept (never more
 than L_dec, which the original did not guard: bug B11), sorted back into sequence order, and the
-response tail is appended. This one function decides the kept set for every scan path.
+response tail is appended. ``top_k_candidates`` is the one selection rule, used by the one-shot
+forward (every scan path) and by the streamed prefill's running buffer (models/streaming.py).
+
+Ties: the original takes ``torch.topk`` (spec §2.4 step 7: ties arbitrary; topk is not stable).
+Here an exact tie goes to the earlier position (higher score first, then earlier token), so the
+kept set is deterministic and the same in one shot and streamed, on every device.
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ class DecimationConfig:
     """Decimation settings shared by every mixer of a model (the original's dict, typed).
 
     activate: master switch; False is exact vanilla Mamba.
-    record_debug_params: record A, B, C, Δ and the kept indices of every layer per forward.
+    record_debug_params: the passkey evaluation records A, B, C, Δ and the kept indices of each
+        prompt (custom_datasets/debug_params.py); a forward records only when called with record=True.
     type: selection rule; only "max_p" (largest ‖Δ‖₂) exists.
     beta: β in (0, 1], budget shrink per successive decimating layer.
     L_base: budget at the first decimating layer; ``math.inf`` keeps everything.
@@ -132,12 +138,24 @@ def kept_from_scores(scores: torch.Tensor, resp_len: int, layer_idx: int, cfg: D
     k = num_kept(l_dec, cfg.decimating_layers.index(layer_idx), cfg.beta, cfg.L_base, cfg.min_seq_len)
     device = scores.device
     tail = torch.arange(l_dec, length, device=device).expand(bsz, resp)
-    if k == l_dec:
-        head = torch.arange(l_dec, device=device).expand(bsz, l_dec)
-    else:
-        top = torch.topk(scores[:, :l_dec], k, dim=1, sorted=False).indices
-        head = torch.sort(top, dim=1).values
+    head = torch.sort(top_k_candidates(scores[:, :l_dec], k), dim=1).values
     return torch.cat([head, tail], dim=1)
+
+
+def top_k_candidates(scores: torch.Tensor, k: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices (b, min(k, m)) into the candidate axis of ``scores`` (b, m): its k best candidates.
+
+    Best = higher score; an exact tie goes to the earlier sequence position. ``positions`` (b, m)
+    are the candidates' distinct sequence positions (a streamed buffer holds them in any order);
+    None means the candidate axis is in sequence order. The result is in no particular order.
+    """
+    bsz, m = scores.shape
+    if k >= m:
+        return torch.arange(m, device=scores.device).expand(bsz, m)
+    by_pos = None if positions is None else torch.argsort(positions, dim=1)         # (b, m)
+    ordered = scores if by_pos is None else scores.gather(1, by_pos)
+    best = torch.sort(ordered, dim=1, descending=True, stable=True).indices[:, :k]  # stable: ties by position
+    return best if by_pos is None else by_pos.gather(1, best)
 
 
 def gather_tokens(x: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:

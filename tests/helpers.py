@@ -1,11 +1,12 @@
 """Small models and an independent per-token oracle of the (decimated) forward, for tests."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from models import DecimatingMambaModel, MambaConfig, MambaLMHeadModel
-from modules.decimation import num_kept
 
 
 def tiny_config(**kw) -> MambaConfig:
@@ -38,6 +39,14 @@ def make_pair(cfg=None, deci=None, seed=0):
     return v, d
 
 
+def spec_num_kept(l_dec, s, beta, L_base, min_seq_len):
+    """Reference spec §2.4 step 6, written out: k = int(max(min(L_dec, L_base·β^s), min_seq_len)),
+    all of L_dec when L_base is inf, and never more than the L_dec candidates that exist (§9)."""
+    if math.isinf(L_base):
+        return l_dec
+    return min(int(max(min(l_dec, L_base * beta**s), min_seq_len)), l_dec)
+
+
 def oracle_logits(model, ids, resp_len, deci):
     """Independent re-derivation of the DeciMamba forward (batch 1, per-token loops), from the
     reference spec §2.1-2.5, sharing no code with modules/ beyond parameter access."""
@@ -64,9 +73,10 @@ def oracle_logits(model, ids, resp_len, deci):
         if deci and deci["activate"] and i in deci["decimating_layers"]:
             s = deci["decimating_layers"].index(i)
             l_dec = L - resp_len
-            k = num_kept(l_dec, s, deci["beta"], deci["L_base"], deci["min_seq_len"])
-            score = delta[:l_dec].norm(dim=-1)
-            top = sorted(torch.argsort(score, descending=True)[:k].tolist())
+            k = spec_num_kept(l_dec, s, deci["beta"], deci["L_base"], deci["min_seq_len"])
+            score = delta[:l_dec].norm(dim=-1).tolist()
+            # the k largest ‖Δ‖, an exact tie to the earlier token (this repo's rule; the spec leaves ties open)
+            top = sorted(sorted(range(l_dec), key=lambda t: (-score[t], t))[:k])
             keep = torch.tensor(top + list(range(l_dec, L)), dtype=torch.long)
             kept_all.append((i, keep))
         u, delta, B, C, z = u[keep], delta[keep], B[keep], C[keep], z[keep]
@@ -87,3 +97,37 @@ def _norm(norm, x):
     if hasattr(norm, "bias") and norm.bias is not None:
         return F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps)
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+
+
+def oracle_prefill_then_steps(model, ids, prompt_len, deci):
+    """Logits (1, l - prompt_len + 1, V) of a (decimated) prefill of ids[:, :prompt_len] followed by
+    one recurrent step per remaining token, each position predicting the next.
+
+    From the spec §2.6-2.7: the prefill protects its last token and the steps are never decimated,
+    so the tokens from the last prompt token on are the protected tail of one sequence. In it each
+    layer's recurrence runs over its kept prompt tokens, then over the tail; a decimating layer's
+    conv sees all of its input (the conv precedes decimation), a later layer's only the kept tokens,
+    as the decode caches hold. The scores and the budget k depend only on the prompt's candidates
+    (causal layers; L_dec = prompt_len - 1 either way), so this is ``oracle_logits`` of the whole
+    sequence with that tail.
+    """
+    tail = ids.shape[1] - prompt_len + 1
+    out, _ = oracle_logits(model, ids, tail, deci)
+    return out[:, -tail:]                                  # the decimated length ends with the tail
+
+
+# ---------------------------------------------------------------- bf16 error budgets (tests/test_gpu.py)
+BF16_UNIT_ROUNDOFF = 2.0**-8       # bf16 keeps 8 significand bits: one rounding errs by <= 2^-8 ≈ 3.9e-3 relative
+
+
+def rel_err(got, ref) -> float:
+    """‖got - ref‖ / ‖ref‖, in fp32."""
+    got, ref = got.float(), ref.float()
+    return ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def over_budget(outputs: dict, ref, budget: float) -> dict:
+    """{name: error} of the outputs (name -> tensor) farther than ``budget`` (relative norm error)
+    from the fp32 reference ``ref``; empty when every one is within it."""
+    errors = {name: rel_err(t, ref) for name, t in outputs.items()}
+    return {name: e for name, e in errors.items() if not e <= budget}

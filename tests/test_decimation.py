@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from modules.decimation import DecimationConfig, kept_indices, num_kept, token_scores
+from modules.decimation import DecimationConfig, kept_from_scores, kept_indices, num_kept, token_scores, top_k_candidates
 
 
 @pytest.mark.parametrize("l_dec,s,beta,L_base,min_len,expected", [
@@ -106,3 +106,40 @@ def test_blockwise_scores_keep_the_same_tokens_as_the_full_delta(monkeypatch):
     assert keep.shape == (2, 43) and torch.equal(keep, ref_keep)
     assert torch.equal(out, ref)
     assert torch.equal(mixer.delta_scores(mixer.project(hidden)[1]), token_scores(mixer.delta(mixer.project(hidden)[1])))
+
+
+def _best_by_hand(scores, positions, k):
+    """The tie rule written out: higher score first, then earlier position; -> sorted positions."""
+    pairs = sorted(zip(scores.tolist(), positions.tolist()), key=lambda sp: (-sp[0], sp[1]))
+    return sorted(p for _, p in pairs[:k])
+
+
+def test_exact_ties_go_to_the_earlier_position():
+    cfg = DecimationConfig(activate=True, decimating_layers=[0], L_base=7, min_seq_len=0)
+    tied = torch.ones(2, 50)
+    assert torch.equal(kept_from_scores(tied, 2, 0, cfg), torch.tensor([[0, 1, 2, 3, 4, 5, 6, 48, 49]] * 2))
+    few = torch.tensor([[1.0, 3, 2, 3, 3, 0, 3, 2]])                # four 3s compete for three places
+    assert kept_from_scores(few, 0, 0, DecimationConfig(activate=True, decimating_layers=[0], L_base=3,
+                                                         min_seq_len=0))[0].tolist() == [1, 3, 4]
+    shuffled = torch.tensor([[7, 2, 5, 0, 6, 1, 4, 3]])              # a buffer in any order: ties by position
+    picked = shuffled[0, top_k_candidates(few, 3, shuffled)[0]]
+    assert sorted(picked.tolist()) == _best_by_hand(few[0], shuffled[0], 3) == [0, 2, 4]
+
+
+def test_streamed_merge_keeps_the_one_shot_set_on_ties():
+    # A running buffer (any order) merged chunk by chunk with the same rule keeps the one-shot set,
+    # here with scores drawn from 3 values so that almost every comparison is a tie.
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randint(0, 3, (2, 200), generator=g).float()
+    pos = torch.arange(200).expand(2, -1)
+    k = 25
+    buf_s, buf_p = scores[:, :0], pos[:, :0]
+    for c in range(0, 200, 17):
+        cand_s, cand_p = torch.cat([buf_s, scores[:, c:c + 17]], 1), torch.cat([buf_p, pos[:, c:c + 17]], 1)
+        top = top_k_candidates(cand_s, k, cand_p)
+        buf_s, buf_p = cand_s.gather(1, top), cand_p.gather(1, top)
+    for row in range(2):
+        want = _best_by_hand(scores[row], pos[row], k)
+        assert sorted(buf_p[row].tolist()) == want
+        one_shot = DecimationConfig(activate=True, decimating_layers=[0], L_base=k, min_seq_len=0)
+        assert kept_from_scores(scores[row:row + 1], 0, 0, one_shot)[0].tolist() == want

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from models import DecimatingMambaModel, MambaConfig, MambaLMHeadModel
 from models.hub import HubUnavailableError
-from tests.helpers import make_pair, oracle_logits, randomize, tiny_config
+from tests.helpers import make_pair, oracle_logits, oracle_prefill_then_steps, randomize, tiny_config
 
 # fp32 model-level budget: several layers of fp32 matmuls and scans summed in different orders.
 FP32 = dict(rtol=1e-4, atol=1e-4)
@@ -102,15 +102,26 @@ def test_batched_decimation_equals_one_by_one():
             assert torch.equal(kb[i], k1)
 
 
-@pytest.mark.parametrize("deci", [None, DECI])
-def test_prefix_then_steps_equal_full_forward(deci):
-    vanilla, model = make_pair(deci=deci)
+def test_prefix_then_steps_equal_full_forward():
+    vanilla, _ = make_pair()
     ids = torch.randint(0, 61, (2, 70))
     full = vanilla(ids).logits
     caches = vanilla.allocate_inference_cache()
     got = [vanilla(ids[:, :50], num_last_tokens=1, caches=caches).logits[:, -1]]
     got += [vanilla.step(ids[:, t:t + 1], caches)[:, -1] for t in range(50, 70)]
     torch.testing.assert_close(torch.stack(got, 1), full[:, 49:], **FP32)
+
+
+def test_decimated_prefill_then_steps_equal_oracle():
+    # The prompt is decimated once (layer 1 keeps 40 of 49 candidates, layer 2 20 of those 40);
+    # each step then continues the recurrent states the kept tokens left.
+    _, model = make_pair(deci=DECI)
+    ids = torch.randint(0, 61, (1, 70))
+    caches = model.allocate_inference_cache()
+    prefill = model(ids[:, :50], num_last_tokens=1, caches=caches)
+    assert [len(k) for _, k in prefill.kept_indices] == [41, 21]
+    got = [prefill.logits[:, -1]] + [model.step(ids[:, t:t + 1], caches)[:, -1] for t in range(50, 70)]
+    torch.testing.assert_close(torch.stack(got, 1), oracle_prefill_then_steps(model, ids, 50, DECI), **FP32)
 
 
 def test_greedy_generation_matches_argmax_of_full_forward():
@@ -123,11 +134,14 @@ def test_greedy_generation_matches_argmax_of_full_forward():
 
 
 def test_deci_generation_uses_decimated_prefill_state():
-    _, model = make_pair(deci={**DECI, "L_base": 20})
+    deci = {**DECI, "L_base": 20}
+    _, model = make_pair(deci=deci)
     ids = torch.randint(0, 61, (1, 120))
     seq = model.generate(ids, max_length=125)
-    first = model(ids, num_last_tokens=1).logits[:, -1].argmax(-1)
-    assert seq.shape == (1, 125) and seq[0, 120] == first[0]
+    assert seq.shape == (1, 125) and torch.equal(seq[:, :120], ids)
+    # every new token is the argmax of the oracle's prediction after the decimated prompt + the tokens so far
+    want = oracle_prefill_then_steps(model, seq[:, :-1], 120, deci).argmax(-1)
+    assert torch.equal(seq[:, 120:], want)
     batch = model.generate(ids.repeat(2, 1), max_length=125)
     assert torch.equal(batch, seq.repeat(2, 1))
 
@@ -222,9 +236,31 @@ def test_vanilla_class_refuses_to_decimate():
 
 
 def test_record_debug_params():
-    _, model = make_pair(deci={**DECI, "record_debug_params": True})
-    out = model(torch.randint(0, 61, (1, 90)), num_last_tokens=1)
+    _, model = make_pair(deci=DECI)
+    out = model(torch.randint(0, 61, (1, 90)), num_last_tokens=1, record=True)
     assert len(out.debug_params) == 4
     d1 = out.debug_params[1]
     assert d1["delta"].shape == (1, 64, 41) and d1["B"].shape == (1, 8, 41) and d1["A"].shape == (64, 8)
     assert torch.equal(d1["kept_indices"][0], out.kept_indices[0][1])
+
+
+def test_record_debug_params_flag_alone_records_nothing(monkeypatch):
+    # The flag only tells the passkey eval to record (custom_datasets/debug_params.py): a forward,
+    # a generation (prefill and steps) or a training step with it on records nothing.
+    from modules.mamba_mixer import MambaMixer
+
+    recorded, forward = [], MambaMixer.forward
+
+    def counting(self, *args, record=False, **kw):
+        if record:
+            recorded.append(self.layer_idx)
+        return forward(self, *args, record=record, **kw)
+
+    monkeypatch.setattr(MambaMixer, "forward", counting)
+    _, model = make_pair(deci={**DECI, "record_debug_params": True})
+    ids = torch.randint(0, 61, (1, 60))
+    assert model(ids, num_last_tokens=1).debug_params is None
+    assert model.generate(ids, max_length=66).shape == (1, 66)
+    model(ids, num_last_tokens=4).logits.sum().backward()
+    assert recorded == []
+    assert len(model(ids, num_last_tokens=1, record=True).debug_params) == 4 and recorded == [0, 1, 2, 3]

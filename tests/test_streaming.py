@@ -46,3 +46,36 @@ def test_generate_with_streaming_prefill():
     _, model = make_pair(deci=DECI)
     ids = torch.randint(0, 61, (2, 200))
     assert torch.equal(model.generate(ids, 210, prefill_chunk_size=48), model.generate(ids, 210))
+
+
+@pytest.mark.parametrize("length", [1, 2, 3])
+def test_prompt_no_longer_than_the_protected_tail_streams_as_one_shot(length):
+    # No token is a candidate at the decimating layer (L_dec = L - resp <= 0): the streamed
+    # prefill used to sort an empty buffer (None) and crash.
+    _, model = make_pair(deci=DECI)
+    ids = torch.randint(0, 61, (1, length))
+    assert torch.equal(model.generate(ids, length + 4, prefill_chunk_size=16), model.generate(ids, length + 4))
+    one = model(ids, num_last_tokens=3)
+    got = streaming_prefill(model, ids, chunk_size=16, num_last_tokens=3)     # tail longer than the prompt
+    torch.testing.assert_close(got.logits, one.logits, **FP32)
+    assert all(torch.equal(a, torch.arange(length)) and torch.equal(a, b)
+               for (_, a), (_, b) in zip(got.kept_indices, one.kept_indices))
+
+
+def test_exact_score_ties_keep_the_earliest_tokens_streamed_and_one_shot():
+    # A zero dt projection makes Δ = softplus(dt_bias) for every token: all ‖Δ‖ scores are exactly
+    # equal at both decimating layers. The rule breaks ties by position, so each layer keeps its
+    # first k candidates (+ the tail), in one shot and through the streamed buffer alike.
+    _, model = make_pair(deci=DECI)
+    with torch.no_grad():
+        for i in DECI["decimating_layers"]:
+            model.backbone.layers[i].mixer.dt_proj.weight.zero_()
+    ids = torch.randint(0, 61, (1, 301))
+    one = model(ids, num_last_tokens=1)
+    got = streaming_prefill(model, ids, chunk_size=37, num_last_tokens=1)
+    # layer 1 (s=0): k = 60 of 300 candidates; layer 3 (s=1): k = 30 of its 60 (the tail is last)
+    assert torch.equal(one.kept_indices[0][1], torch.tensor(list(range(60)) + [300]))
+    assert torch.equal(one.kept_indices[1][1], torch.tensor(list(range(30)) + [60]))
+    for (_, a), (_, b) in zip(got.kept_indices, one.kept_indices):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(got.logits, one.logits, **FP32)

@@ -15,18 +15,21 @@ the training length, the effective receptive field stops growing (DeciMamba's Fi
 
 **Input**: a `params_*.safetensors` file written by the passkey evaluation with `record_debug_params`
 on — e.g. `python finetune_ssm.py --eval 6 --device 0 --set load_cp=<checkpoint>` writes one per example
-under `<run folder>/artifacts/`. **Output**: PNGs in `OUT_DIR`. All model math is in
-`modules/hidden_attention.py`; this notebook only loads, calls and plots."""),
+under `<run folder>/artifacts/` — named by `DECIMAMBA_ATTN_PARAMS`. Without one, the notebook records an
+example itself: one ~1K-token passkey prompt (depth 0.25) read by the shipped checkpoint
+`checkpoints/passkey_small_deci` with decimation off, as eval 6 records (CPU, seconds).
+**Output**: PNGs in `OUT_DIR`. All model math is in `modules/hidden_attention.py`; this notebook only
+loads, calls and plots."""),
     ("code", """# Parameters (environment variables override them, so the notebook also runs headless)
 import os
 
-PARAMS = os.environ.get("DECIMAMBA_ATTN_PARAMS")        # a params_*.safetensors; None: the newest under ./output
+PARAMS = os.environ.get("DECIMAMBA_ATTN_PARAMS")        # a params_*.safetensors; None: record an example
+EXAMPLE_TOKENS = int(os.environ.get("DECIMAMBA_ATTN_EXAMPLE_TOKENS", "1000"))  # the example's haystack length
 OUT_DIR = os.environ.get("DECIMAMBA_ATTN_OUT", "attn_maps")
 LAYER = int(os.environ.get("DECIMAMBA_ATTN_LAYER", "-1"))  # the layer drawn large; -1: two thirds deep (17 of 24)
 N_CHANNELS = 11                                          # channels averaged, evenly spaced over d_inner
 TH_ALL, TH_ONE = -3, -2                                  # log10 clip of figure 1 and figure 2"""),
-    ("code", """import glob
-import math
+    ("code", """import math
 import sys
 
 import matplotlib
@@ -40,14 +43,19 @@ from custom_datasets.debug_params import load_recorded
 from modules.hidden_attention import default_channels, hidden_attention, log_normalized
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
-if PARAMS is None:
-    found = sorted(glob.glob("output/**/artifacts/params_*.safetensors", recursive=True), key=os.path.getmtime)
-    if not found:
-        raise FileNotFoundError("no params_*.safetensors under ./output: run the passkey eval with "
-                                "record_debug_params (python finetune_ssm.py --eval 6 ...) or set DECIMAMBA_ATTN_PARAMS")
-    PARAMS = found[-1]
-layers, meta = load_recorded(PARAMS)
 os.makedirs(OUT_DIR, exist_ok=True)
+if PARAMS is None:   # the eval-6 recording, on the shipped checkpoint, for one short prompt
+    import finetune_ssm
+
+    runs = os.path.abspath(os.path.join(OUT_DIR, "recording"))
+    rc = finetune_ssm.main(["--config", "configs/demo_checkpoint.json", "--device", "cpu", "--run-name", "example",
+                            "--set", f"output_dir={runs}", "--set", "record_debug_params=true",
+                            "--set", "activate_decimation=false", "--set", "niah_needle_depths_eval=[0.25]",
+                            "--set", f"niah_context_lens_eval=[{EXAMPLE_TOKENS}]", "--set", "niah_samples_per_cell=1"])
+    if rc != 0:
+        raise RuntimeError(f"recording the example failed (exit code {rc}); set DECIMAMBA_ATTN_PARAMS to a recording")
+    PARAMS = os.path.join(runs, "example", "artifacts", f"params_d0.25_L{EXAMPLE_TOKENS}_s0.safetensors")
+layers, meta = load_recorded(PARAMS)
 print(f"{PARAMS}: {len(layers)} layers, {meta['prompt_tokens']} tokens, needle at context position {meta['needle_position']}, device {device}")"""),
     ("code", """maps = []
 for i, p in enumerate(layers):
@@ -81,8 +89,10 @@ print("wrote", sorted(os.listdir(OUT_DIR)))"""),
 def main():
     nb = nbf.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    for kind, src in CELLS:
-        nb.cells.append(nbf.v4.new_markdown_cell(src) if kind == "md" else nbf.v4.new_code_cell(src))
+    for i, (kind, src) in enumerate(CELLS):
+        cell = nbf.v4.new_markdown_cell(src) if kind == "md" else nbf.v4.new_code_cell(src)
+        cell.id = f"cell-{i}"                       # fixed ids: regenerating changes only what changed
+        nb.cells.append(cell)
     nb.cells[1].metadata["tags"] = ["parameters"]
     nbf.write(nb, os.path.join(REPO, "calculate_mamba_attn_maps.ipynb"))
 
