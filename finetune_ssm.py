@@ -9,35 +9,35 @@
 Precedence: schema defaults <- config file <- --set <- --device. Keys: configs/schema.py
 (--list-keys). Outputs go to <output_dir>/<run name>/: config.json, results.jsonl (one record per
 eval cell), metrics.json, plots/, train_log.jsonl, checkpoints (best_model/, epoch_E_step_S/).
+
+Exit status: 0 done; 1 a problem with the input, files or machine (one line); 2 a config problem;
+3 training stopped before its end (signal, max_train_seconds) with a checkpoint: continue with
+--resume RUN. The loop is engine/train.py, the evaluation engine/evaluate.py.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
-import math
 import os
 import random
-import signal
+import re
+import shutil
 import sys
-import threading
-import time
-from collections import defaultdict
-from contextlib import nullcontext
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 from configs import schema
 from custom_datasets import get_task
 from custom_datasets.sources import load_tokenizer
 from engine import checkpoint as ckpt
-from engine.evaluate import evaluate
+from engine.errors import read_json
+from engine.evaluate import find_deci_layer, run_eval
 from engine.logger import RunLogger
-from engine.optim import make_scheduler, param_groups
-from engine.results import write_json_atomic
+from engine.results import DIGEST_CACHE, weights_digest, write_json_atomic
+from engine.train import EXIT_STOPPED, nothing_left, train
+from engine.train import build_chunks, train_step  # noqa: F401 - re-exported for callers of the old module
 from models import DecimatingMambaModel, MambaConfig, MambaLMHeadModel
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -56,8 +56,12 @@ def parse_args(argv):
     p.add_argument("--config", default=None, help="any config file in the same flat format")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (JSON value)")
     p.add_argument("--dry-run", action="store_true", help="validate, print the resolved config, exit")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a training run from its latest checkpoint")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue a training run from its latest checkpoint (--set only for schema.RESUME_SAFE keys)")
     p.add_argument("--run-name", default=None, help="run folder name under output_dir")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run folder of that name first")
+    p.add_argument("--fresh-eval", action="store_true",
+                   help="evaluate every cell again instead of reusing recorded ones (new records are appended)")
     p.add_argument("--list-keys", action="store_true", help="print every config key with its type and default")
     return p.parse_args(argv)
 
@@ -75,10 +79,12 @@ def normalize_device(dev):
 def resolve_config(args):
     if args.eval != -1 and args.config:
         raise schema.ConfigError(["give either --eval <id> or --config <file>, not both"], "command line")
+    overrides = schema.parse_set(args.set)
+    notes = []
     if args.resume:
-        path = os.path.join(args.resume, "config.json")
-        if not os.path.isfile(path):
-            raise UsageError(f"--resume {args.resume!r}: no config.json there (is it a run folder?)")
+        path = resume_config_path(args)
+        notes = resume_overrides(read_json(path, "restore the run's config.json (each checkpoint holds a copy, "
+                                                 "finetune_ssm_config.json)"), overrides, args.resume)
     elif args.config:
         path = args.config
     elif args.eval == -1:
@@ -88,8 +94,42 @@ def resolve_config(args):
     else:
         raise schema.ConfigError([f"--eval {args.eval}: valid preset ids are {list(PRESET_IDS)} (or -1 to train)"],
                                  "command line")
-    cfg, notes = schema.load(path, schema.parse_set(args.set), normalize_device(args.device))
-    return cfg, notes, path
+    cfg, more = schema.load(path, overrides, normalize_device(args.device))
+    return cfg, notes + more, path
+
+
+def resume_config_path(args) -> str:
+    given = [flag for flag, on in (("--eval", args.eval != -1), ("--config", args.config),
+                                   ("--run-name", args.run_name), ("--overwrite", args.overwrite)) if on]
+    if given:
+        raise UsageError(f"--resume continues the run in {args.resume!r} with its own config.json; {', '.join(given)} "
+                         f"cannot be combined with it (to evaluate its weights: --eval N --set "
+                         f"load_cp={os.path.join(args.resume, 'best_model')})")
+    path = os.path.join(args.resume, "config.json")
+    if not os.path.isfile(path):
+        raise UsageError(f"--resume {args.resume!r}: no config.json there (is it a run folder?)")
+    return path
+
+
+def resume_overrides(stored: dict, overrides: dict, run: str) -> list[str]:
+    """--set with --resume: keys in schema.RESUME_SAFE may change (noted); any other change is refused,
+    as the run would no longer continue the same training."""
+    if not isinstance(stored, dict):
+        raise UsageError(f"{os.path.join(run, 'config.json')}: not a JSON object of config keys")
+    defaults = schema.defaults()
+    changed = {k: v for k, v in overrides.items() if k in schema.KEY_BY_NAME and stored.get(k, defaults[k]) != v}
+    unsafe = [k for k in changed if k not in schema.RESUME_SAFE]
+    if unsafe:
+        raise UsageError(f"--resume: --set {', '.join(f'{k}={changed[k]!r}' for k in unsafe)} would change how the "
+                         f"run trains, so it would not continue the same run; with --resume only "
+                         f"{list(schema.RESUME_SAFE)} may change. To train on from its weights with other settings, "
+                         f"start a new run: --config {os.path.join(run, 'config.json')} --set load_cp=<checkpoint> "
+                         f"--set recover_step=<its step> --run-name <new name>")
+    notes = [f"--resume: {k} {stored.get(k, defaults[k])!r} -> {v!r}" for k, v in changed.items()]
+    if stored.get("lr_sched_type") == "cosine" and {"max_step", "epochs"} & set(changed):
+        notes.append("--resume: the cosine schedule now ends at the new total step; the LR from the resumed step on "
+                     "differs from the first run's plan")
+    return notes
 
 
 def setup_distributed(cfg) -> tuple[int, int]:
@@ -124,6 +164,35 @@ def decimation_config(cfg) -> dict:
                 decimating_layers=list(cfg["decimating_layers"]) if on else [], min_seq_len=cfg["decimation_min_seq_len"])
 
 
+def check_checkpoint_depth(cfg) -> None:
+    """decimating_layers against a local load_cp's depth, before anything is loaded (--dry-run too)."""
+    cp = cfg["load_cp"]
+    if not (cfg["mamba_arch"] == "deci" and cfg["activate_decimation"] and cp and os.path.isdir(cp)):
+        return
+    try:
+        with open(os.path.join(cp, "config.json")) as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return                                   # the loader reports a missing or damaged config.json
+    n = raw.get("n_layer", raw.get("num_hidden_layers")) if isinstance(raw, dict) else None
+    bad = [i for i in cfg["decimating_layers"] if isinstance(n, int) and i >= n]
+    if not bad:
+        return
+    trained = ""
+    run_cfg = os.path.join(cp, ckpt.RUN_CONFIG)
+    if os.path.isfile(run_cfg):
+        try:
+            with open(run_cfg) as f:
+                rc = json.load(f)
+            trained = (f"; it was trained with --set decimating_layers={json.dumps(rc['decimating_layers'])} "
+                       f"--set decimation_max_p_L_base={rc['decimation_max_p_L_base']}")
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    raise UsageError(f"decimating_layers={cfg['decimating_layers']} but checkpoint {cp!r} has {n} layers (0..{n - 1}): "
+                     f"pass layers that exist, e.g. --set decimating_layers=[{n // 2}] with a decimation_max_p_L_base "
+                     f"that suits it{trained}, or --set activate_decimation=false to evaluate it without decimation")
+
+
 # ---------------------------------------------------------------------------- model
 def build_model(cfg, tok, device, weights=None):
     cls = DecimatingMambaModel if cfg["mamba_arch"] == "deci" else MambaLMHeadModel
@@ -143,222 +212,71 @@ def build_model(cfg, tok, device, weights=None):
     return model.to(device), source
 
 
-# ---------------------------------------------------------------------------- training
-def build_chunks(task, batch, epoch, cfg, rank=0, world=1):
-    """This rank's share of one optimizer step's samples, as chunks grouped by equal length."""
-    groups, n_kept, lens = defaultdict(list), 0, []
-    for idx in batch[rank::world]:
-        chunks = task.train_item(int(idx), epoch)
-        length = len(chunks[-1].input_ids)
-        if length > cfg["max_train_input_len"]:
-            continue
-        if cfg["mamba_arch"] == "deci" and length // len(chunks) < cfg["decimation_min_seq_len"]:
-            continue
-        n_kept += 1
-        lens.append(length)
-        for c in chunks:
-            groups[(len(c.input_ids), len(c.labels))].append(c)
-    mbs = [(n_lab, items[i:i + cfg["train_micro_batch_size"]]) for (_, n_lab), items in groups.items()
-           for i in range(0, len(items), cfg["train_micro_batch_size"])]
-    return mbs, n_kept, lens
+# ---------------------------------------------------------------------------- run folder
+def run_name(args, cfg) -> str:
+    if args.run_name:
+        return args.run_name
+    if cfg["eval_mode"]:                 # derived from the config hash: rerunning resumes it
+        tag = os.path.basename(str(cfg["load_cp"] or cfg["model_type"]).rstrip("/"))
+        return f"eval_{cfg['mamba_arch']}_{tag}_{cfg['dataset']}_{schema.config_hash(cfg)}"
+    stamp = datetime.datetime.now().strftime("%Y_%m_%d__%H_%M_%S")
+    return f"{stamp}_{cfg['mamba_arch']}_{cfg['model_type']}_{cfg['dataset']}_seed_{cfg['seed']}{cfg['run_name_addon']}"
 
 
-def _all_sum(values, device, world):
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def locate_run(args, cfg, world) -> tuple[str, str | None, bool]:
+    """(run folder, checkpoint to resume from, whether another run's folder is there). A training
+    run never writes into another run's folder (--resume continues it, --overwrite deletes it
+    first); an evaluation folder is reused (its recorded cells are matched by identity)."""
+    resume_from = None
+    if args.resume:
+        run_dir = os.path.abspath(args.resume)
+        resume_from = ckpt.latest_checkpoint(run_dir)           # finishes interrupted checkpoint swaps first
+        if resume_from is None:
+            raise UsageError(f"--resume {args.resume!r}: no epoch_*_step_* checkpoint with a training state in it")
+    else:
+        run_dir = os.path.abspath(os.path.join(cfg["output_dir"], run_name(args, cfg)))
+    if world > 1:                               # every rank uses rank 0's run folder
+        holder = [run_dir]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        run_dir = holder[0]
+    existing = not args.resume and os.path.isdir(run_dir) and bool(os.listdir(run_dir))
+    if existing and not args.overwrite:
+        refuse_existing(run_dir, cfg)
+    return run_dir, resume_from, existing
+
+
+def open_run_dir(args, cfg, run_dir, existing, rank, world) -> None:
+    """Create (or --overwrite) the run folder and write the run's config.json (rank 0)."""
     if world > 1:
-        torch.distributed.all_reduce(t)
-    return t.tolist()
+        torch.distributed.barrier()             # every rank has checked before rank 0 changes the folder
+    if rank == 0:
+        if existing and args.overwrite:
+            print(f"--overwrite: deleting the earlier run folder {run_dir}")
+            shutil.rmtree(run_dir)
+        elif existing:
+            ckpt.recover_interrupted_swaps(run_dir)
+        os.makedirs(run_dir, exist_ok=True)
+        write_json_atomic(os.path.join(run_dir, "config.json"), cfg)
+        print(f"run folder: {run_dir}")
 
 
-def train_step(model, built, cfg, device, autocast, world=1):
-    """Accumulate the gradients of one optimizer step (equal-length chunks share a forward).
-
-    The loss is the mean over the step's kept samples (dropped ones do not count, unlike the
-    original, L12); with DDP each rank scales by world size, as DDP averages gradients, and
-    synchronises only on its last backward.
-    """
-    mbs, n_kept, lens = built
-    deci_chunks = cfg["deci_num_chunks"] if (cfg["mamba_arch"] == "deci" and cfg["dataset"] == "ppl_test") else 1
-    kept_all, len_sum = _all_sum([n_kept, sum(lens)], device, world)
-    if kept_all == 0:
-        return None
-    scale = world / (kept_all * deci_chunks)
-    total = 0.0
-    if world > 1 and not mbs:          # nothing local: a zero-loss pass keeps DDP's collectives in step
-        mbs = [(0, None)]
-    for i, (n_lab, mb) in enumerate(mbs):
-        sync = world == 1 or i == len(mbs) - 1
-        with (nullcontext() if sync else model.no_sync()):
-            if mb is None:
-                with autocast:
-                    loss = model(torch.zeros(1, 2, dtype=torch.long, device=device), num_last_tokens=1).logits.sum() * 0
-            else:
-                ids = torch.tensor([c.input_ids for c in mb], device=device)
-                labels = torch.tensor([c.labels for c in mb], device=device)
-                with autocast:
-                    logits = model(ids, num_last_tokens=n_lab + 1).logits[:, :-1]
-                rows = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                       reduction="none").view(len(mb), n_lab).mean(1)
-                loss = rows.sum() * scale
-            loss.backward()
-            total += loss.item() / world
-    (total,) = _all_sum([total], device, world)
-    return {"loss": total, "mean_input_len": len_sum / kept_all, "kept_samples": int(kept_all)}
-
-
-def grad_flow(model) -> dict:
-    """Relative gradient size per layer: sqrt(Σ grad² / (Σ weight² + 1e-13))."""
-    out = {}
-    for i, layer in enumerate(model.backbone.layers):
-        g = sum(float(p.grad.pow(2).sum()) for p in layer.parameters() if p.grad is not None)
-        w = sum(float(p.detach().pow(2).sum()) for p in layer.parameters())
-        out[f"grad_flow/layer_{i:02d}"] = math.sqrt(g / (w + 1e-13))
-    return out
-
-
-def run_eval(task, model, cfg, run_dir, device, checkpoint, step, label):
-    identity = {"task": task.name, "task_version": task.version, "checkpoint": checkpoint,
-                "config_hash": schema.config_hash(cfg), "step": step}
-    print(f"Evaluating over {task.name}, step {step}")
-    score, table, _ = evaluate(task, model, device, run_dir, identity)
-    print(table)
-    print(f"Validation Set - {label} | Score: {score:.3f}")
-    return score
-
-
-def better(task, score, best):
-    if best is None or score != score:
-        return best is None and score == score
-    return score > best if task.higher_is_better else score < best
-
-
-def find_deci_layer(task, model, cfg, run_dir, device):
-    """Sweep the (single) decimating layer on the eval set; install the best layer number."""
-    n = model.config.n_layer
-    cands = cfg["find_deci_layer_candidates"] or (list(range(8, min(n, 25))) if n > 8 else list(range(n)))
-    saved = list(model.decimation.decimating_layers)
-    scores = {}
-    for layer in cands:
-        model.decimation.decimating_layers = [layer]
-        scores[layer] = run_eval(task, model, cfg, os.path.join(run_dir, "find_deci_layer"), device,
-                                 f"sweep_layer_{layer}", 0, f"decimating layer {layer}")
-    pick = (max if task.higher_is_better else min)(scores, key=scores.get) if scores else saved[0]
-    model.decimation.decimating_layers = [pick] if scores else saved
-    write_json_atomic(os.path.join(run_dir, "find_deci_layer.json"), {"scores": scores, "chosen_layer": pick})
-    print(f"find_deci_layer: scores {scores}; chosen layer {pick}")
-    cfg["decimating_layers"] = [pick]
-
-
-class StopRequest:
-    """SIGTERM / SIGINT ask the loop to stop after the current step and save a resumable
-    checkpoint (preemption, a scheduler's time limit, Ctrl-C); a second signal stops at once."""
-
-    def __init__(self):
-        self.requested, self._old = False, {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"signal {signal.Signals(signum).name}: stopping after this step (checkpoint saved); again to stop now",
-              flush=True)
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def train(cfg, model, tok, task, run_dir, device, logger, resume_from=None, rank=0, world=1):
-    with StopRequest() as stop:
-        return _train(cfg, model, tok, task, run_dir, device, logger, resume_from, rank, world, stop)
-
-
-def _train(cfg, model, tok, task, run_dir, device, logger, resume_from, rank, world, stop):
-    """The optimisation loop; with world > 1, ``model`` is DDP-wrapped and only rank 0 evaluates,
-    logs and saves."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    raw = model.module if world > 1 else model
-    main_rank = rank == 0
-    bs = cfg["grad_accum_steps"]
-    n = task.train_len()
-    per_epoch = math.ceil(n / bs)
-    total = min(cfg["max_step"], per_epoch * cfg["epochs"])
-    opt = torch.optim.AdamW(param_groups(raw, cfg["weight_decay"], cfg["weight_decay_all_params"]), lr=cfg["lr"])
-    sched = make_scheduler(opt, cfg["lr_sched_type"], cfg["warmup_steps"], total)
-    step, epoch, pos, best = 0, 0, 0, None
-    if resume_from:
-        state = ckpt.load_training_state(resume_from)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
-        step, epoch, pos, best = state["step"], state["epoch"], state["pos"], state["best"]
-        if main_rank:
-            print(f"resumed from {resume_from}: step {step}, epoch {epoch}, batch {pos}, best {best}")
-    elif cfg["recover_step"]:
-        pos = cfg["recover_step"]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    model.train()
-    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not main_rank)
-    t_start, time_up = time.time(), False
-    pool = ThreadPoolExecutor(max_workers=1)           # builds the next step's samples meanwhile
-    while step < total and epoch < cfg["epochs"]:
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg["seed"] * 7919 + epoch))
-        batches = perm.split(bs)
-        nxt = pool.submit(build_chunks, task, batches[pos], epoch, cfg, rank, world) if pos < len(batches) else None
-        for bi in range(pos, len(batches)):
-            if step >= total:
-                break
-            built = nxt.result()
-            if bi + 1 < len(batches):
-                nxt = pool.submit(build_chunks, task, batches[bi + 1], epoch, cfg, rank, world)
-            opt.zero_grad(set_to_none=True)
-            stats = train_step(model, built, cfg, device, autocast, world)
-            if stats is None:                      # every sample dropped: nothing to step on
-                continue
-            if main_rank and cfg["activate_logging"] and step % cfg["grad_flow_steps"] == 0:
-                stats.update(grad_flow(raw))
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip_grad_max_norm"] if cfg["clip_grad"] else float("inf"))
-            opt.step()
-            sched.step()
-            step += 1
-            stats.update(grad_norm=float(norm), lr=sched.get_last_lr()[0], epoch=epoch,
-                         wall_s=round(time.time() - t_start, 3))
-            over = cfg["max_train_seconds"] is not None and time.time() - t_start > cfg["max_train_seconds"]
-            time_up = over or stop.requested
-            if world > 1:                              # every rank stops at the same step
-                time_up = _all_sum([float(time_up)], device, world)[0] > 0
-            bar.update(1)
-            bar.set_postfix(loss=f"{stats['loss']:.4f}", gnorm=f"{float(norm):.2f}")
-            if main_rank and step % cfg["eval_steps"] == 0:
-                stats["score"] = run_eval(task, raw, cfg, run_dir, device, f"step_{step}", step,
-                                          f"Epoch {epoch} | Step In Epoch {bi} | Step {step}")
-                if better(task, stats["score"], best):
-                    best = stats["score"]
-                    ckpt.save_checkpoint(os.path.join(run_dir, "best_model"), raw, tok, cfg)
-            if main_rank:
-                logger.log(stats, step)
-            if main_rank and (step % cfg["save_steps"] == 0 or step == total or time_up):
-                state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": ckpt.rng_state(),
-                         "step": step, "epoch": epoch, "pos": bi + 1, "best": best}
-                ckpt.save_checkpoint(os.path.join(run_dir, f"epoch_{epoch}_step_{step}"), raw, tok, cfg, state)
-            if world > 1 and (step % cfg["eval_steps"] == 0 or step % cfg["save_steps"] == 0 or time_up):
-                torch.distributed.barrier()
-            if time_up:
-                why = "stop requested" if stop.requested else f"max_train_seconds={cfg['max_train_seconds']} reached"
-                print(f"{why} at step {step}; checkpoint saved (continue with --resume {run_dir})")
-                total = step
-                break
-        epoch, pos = epoch + 1, 0
-    pool.shutdown()
-    bar.close()
-    return best
+def refuse_existing(run_dir: str, cfg) -> None:
+    stored_path = os.path.join(run_dir, "config.json")
+    stored = None
+    if os.path.isfile(stored_path):
+        try:
+            with open(stored_path) as f:
+                stored = json.load(f)
+        except (OSError, ValueError):
+            stored = None
+    if cfg["eval_mode"] and isinstance(stored, dict) and stored.get("eval_mode") is True:
+        if schema.config_hash(stored) != schema.config_hash(cfg):
+            print(f"note: {stored_path}: replaced by this run's config (config hash "
+                  f"{schema.config_hash(stored)} -> {schema.config_hash(cfg)}); every record keeps its own hash")
+        return
+    what = "an evaluation" if cfg["eval_mode"] else "training"
+    raise UsageError(f"run folder {run_dir} already holds a run; {what} into it would replace its files: continue it "
+                     f"with --resume {run_dir}, choose another --run-name, or pass --overwrite to delete it first")
 
 
 # ---------------------------------------------------------------------------- main
@@ -368,6 +286,7 @@ def run(args) -> int:
         return 0
     cfg, notes, source = resolve_config(args)
     print(f"config: {source} (precedence: schema defaults <- file <- --set <- --device)")
+    check_checkpoint_depth(cfg)
     if args.dry_run:
         print(json.dumps(cfg, indent=2))
         for note in notes:
@@ -380,58 +299,65 @@ def run(args) -> int:
     random.seed(cfg["seed"])
     np.random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
-    resume_from = None
-    if args.resume:
-        run_dir = os.path.abspath(args.resume)
-        resume_from = ckpt.latest_checkpoint(run_dir)
-        if resume_from is None:
-            raise UsageError(f"--resume {args.resume!r}: no epoch_*_step_* checkpoint with a training state in it")
-    else:
-        stamp = datetime.datetime.now().strftime("%Y_%m_%d__%H_%M_%S")
-        tag = cfg["load_cp"] or cfg["model_type"]
-        name = args.run_name or (f"eval_{cfg['mamba_arch']}_{os.path.basename(str(tag).rstrip('/'))}_{cfg['dataset']}_"
-                                 f"{schema.config_hash(cfg)}" if cfg["eval_mode"] else
-                                 f"{stamp}_{cfg['mamba_arch']}_{cfg['model_type']}_{cfg['dataset']}_seed_{cfg['seed']}{cfg['run_name_addon']}")
-        run_dir = os.path.abspath(os.path.join(cfg["output_dir"], name))
-    if world > 1:                               # every rank uses rank 0's run folder
-        holder = [run_dir]
-        torch.distributed.broadcast_object_list(holder, src=0)
-        run_dir = holder[0]
-    if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        write_json_atomic(os.path.join(run_dir, "config.json"), cfg)
-        print(f"run folder: {run_dir}")
+    run_dir, resume_from, existing = locate_run(args, cfg, world)
     tok = load_tokenizer(cfg["tokenizer"], cfg["cache_dir"])
     task = get_task(cfg["dataset"])(cfg, tok, train=not cfg["eval_mode"])
+    if resume_from:                    # before the run's config.json takes the new --set values
+        done = nothing_left(cfg, task, int(re.search(r"step_(\d+)$", resume_from).group(1)))
+        if done:
+            print(done)
+            return 0
+    open_run_dir(args, cfg, run_dir, existing, rank, world)
     if cfg["record_debug_params"]:
         task.artifact_dir = os.path.join(run_dir, "artifacts")
     model, source = build_model(cfg, tok, device, weights=resume_from)
+    weights = None                               # a loaded checkpoint: its files' digest; else the parameters'
+    if rank == 0 and source != "scratch" and not resume_from:
+        weights = weights_digest(source, cfg["cache_dir"], os.path.join(os.path.dirname(run_dir), DIGEST_CACHE))
     logger = RunLogger(cfg, run_dir, os.path.basename(run_dir)) if rank == 0 else None
     try:
+        start = cfg["recover_step"] or 0
         if rank == 0 and cfg["find_deci_layer"] and not resume_from:
-            find_deci_layer(task, model, cfg, run_dir, device)
+            find_deci_layer(task, model, cfg, run_dir, device, weights, args.fresh_eval)
             write_json_atomic(os.path.join(run_dir, "config.json"), cfg)
         if rank == 0 and not resume_from:
-            score = run_eval(task, model, cfg, run_dir, device, source if cfg["eval_mode"] else "step_0", 0, "Initial Result")
-            logger.log({"score": score}, 0)
+            score = run_eval(task, model, cfg, run_dir, device, source if cfg["eval_mode"] else f"step_{start}", start,
+                             "Initial Result", weights, args.fresh_eval)
+            logger.log({"score": score}, start)
         if world > 1:
             holder = [list(model.decimation.decimating_layers)]     # find_deci_layer's choice, everywhere
             torch.distributed.broadcast_object_list(holder, src=0)
             model.decimation.decimating_layers = holder[0]
-        if not cfg["eval_mode"]:
-            net = model
-            if world > 1:
-                net = torch.nn.parallel.DistributedDataParallel(
-                    model, device_ids=[device.index] if device.type == "cuda" else None)
-            best = train(cfg, net, tok, task, run_dir, device, logger, resume_from, rank, world)
-            if rank == 0:
-                print(f"training done; best {task.primary_metric}: {best}")
+        if cfg["eval_mode"]:
+            return 0
+        net = model
+        if world > 1:
+            net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        result = train(cfg, net, tok, task, run_dir, device, logger, resume_from, rank, world, args.fresh_eval)
+        return report(result, task, run_dir, rank)
     finally:
         if logger is not None:
             logger.finish()
         if world > 1:
             torch.distributed.destroy_process_group()
-    return 0
+
+
+def report(result, task, run_dir: str, rank: int) -> int:
+    """Print how training ended; the exit status: 0 finished, EXIT_STOPPED stopped with a checkpoint."""
+    if result.stopped is None:
+        if rank == 0:
+            best = "none (no evaluation during training)" if result.best is None else result.best
+            print(f"training done at step {result.step}; best {task.primary_metric}: {best}")
+        return 0
+    if rank == 0:
+        if result.checkpoint:
+            print(f"stopped at step {result.step} of {result.total} ({result.stopped}); checkpoint {result.checkpoint}; "
+                  f"continue with: python finetune_ssm.py --resume {run_dir}", flush=True)
+        else:
+            print(f"stopped at step {result.step} of {result.total} ({result.stopped}) before any checkpoint was "
+                  f"written: start again (--overwrite reuses the run name)", file=sys.stderr, flush=True)
+    return EXIT_STOPPED if result.checkpoint else 1
 
 
 def main(argv=None) -> int:
@@ -446,6 +372,9 @@ def main(argv=None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

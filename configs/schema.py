@@ -24,8 +24,12 @@ class ConfigError(ValueError):
 
     def __init__(self, problems: list[str], source: str = "config", hint: str = ""):
         self.problems = problems
-        super().__init__(f"{source} has {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems)
-                         + (f"\n{hint}" if hint else ""))
+        if len(problems) == 1:                    # one problem: one line
+            text = f"{source}: {problems[0]}" + (f" ({hint})" if hint else "")
+        else:
+            text = (f"{source} has {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems)
+                    + (f"\n{hint}" if hint else ""))
+        super().__init__(text)
 
 
 @dataclass(frozen=True)
@@ -47,10 +51,21 @@ def _nonneg(v):
     return v >= 0
 
 
+def _nonempty(v):
+    return v.strip() != ""
+
+
+def _device(v):
+    return v in ("cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())
+
+
+WIKITEXT_SPLITS = ("train", "validation", "test")
+
+
 K = Key
 KEYS: list[Key] = [
     # --- run, output, logging
-    K("output_dir", "str", "./output", "root folder of run directories (checkpoints, results, plots)"),
+    K("output_dir", "str", "./output", "root folder of run directories (checkpoints, results, plots)", _nonempty, "a folder path"),
     K("cache_dir", "str", "./hf_cache", "Hugging Face cache for hub models and datasets"),
     K("activate_logging", "bool", True, "log to wandb (lazy import; offline unless WANDB_API_KEY or wandb_mode says otherwise)"),
     K("wandb_dir", "str", "./wandb", "wandb run files"),
@@ -59,9 +74,9 @@ KEYS: list[Key] = [
     K("recover_step", "int?", None, "skip the first N batches of epoch 0 (prefer --resume, which restores everything)", _nonneg, ">= 0"),
     K("eval_mode", "bool", False, "only run the initial evaluation"),
     K("mamba_arch", "str", "deci", "'deci' (DecimatingMambaModel) or 'vanilla' (MambaLMHeadModel)", lambda v: v in ("deci", "vanilla"), "one of ['deci', 'vanilla']"),
-    K("model_type", "str", "mamba-130m", "base weights state-spaces/<model_type> when load_cp is null"),
+    K("model_type", "str", "mamba-130m", "base weights state-spaces/<model_type> when load_cp is null", _nonempty, "non-empty"),
     K("use_finetuned_model", "bool", False, "unused (kept for compatibility)"),
-    K("load_cp", "str?", None, "checkpoint to load: hub id or local directory"),
+    K("load_cp", "str?", None, "checkpoint to load: hub id or local directory", _nonempty, "a hub id or a local directory (null: state-spaces/<model_type>)"),
     K("clip_grad", "bool", True, "clip the total gradient norm"),
     K("clip_grad_max_norm", "float", 1, "clipping threshold", _pos, "> 0"),
     K("seed", "int", 123, "seed of every RNG"),
@@ -71,7 +86,7 @@ KEYS: list[Key] = [
     K("grad_flow_steps", "int", 10, "interval of per-layer relative gradient-size logging", _pos, "> 0"),
     K("max_step", "int", 20000, "stop after this many optimizer steps", _nonneg, ">= 0"),
     K("epochs", "int", 10, "epochs over the training set", _pos, "> 0"),
-    K("model_device", "str", "cuda:0", "'cpu', 'cuda' or 'cuda:<n>'"),
+    K("model_device", "str", "cuda:0", "'cpu', 'cuda' or 'cuda:<n>'", _device, "'cpu', 'cuda' or 'cuda:<n>' (e.g. cuda:0)"),
     K("dataset", "str", "niah_custom", "task", lambda v: v in TASK_NAMES, f"one of {list(TASK_NAMES)}"),
     K("train_set_size", "int", 6144, "unused (kept for compatibility)"),
     K("eval_set_size", "int", 20, "SQuAD: number of evaluation questions", _pos, "> 0"),
@@ -107,7 +122,7 @@ KEYS: list[Key] = [
     K("weight_decay", "float", 0.1, "AdamW weight decay", _nonneg, ">= 0"),
     K("grad_accum_steps", "int", 32, "samples per optimizer step", _pos, "> 0"),
     # ===== keys added by this project (defaults reproduce the original, bugs aside) =====
-    K("tokenizer", "str", "EleutherAI/gpt-neox-20b", "hub id, local tokenizer.json, or a directory holding one", original=False),
+    K("tokenizer", "str", "EleutherAI/gpt-neox-20b", "hub id, local tokenizer.json, or a directory holding one", _nonempty, "a hub id, a tokenizer.json or a directory holding one", original=False),
     K("scratch_model_config", "dict?", None, "MambaConfig fields: train a randomly initialised model instead of loading weights", original=False),
     K("backend", "str", "auto", "scan path: 'auto', 'torch' or 'kernel'", lambda v: v in ("auto", "torch", "kernel"), "one of ['auto', 'torch', 'kernel']", original=False),
     K("eval_prefill_chunk_size", "int?", None, "generation tasks: stream each prompt through prefill in chunks of this many tokens (flat memory, e.g. 32768 for 10M-token prompts; same answers as one shot up to fp rounding); null: one shot", _pos, "> 0", original=False),
@@ -116,8 +131,8 @@ KEYS: list[Key] = [
     K("warmup_steps", "int", 0, "linear LR warmup steps", _nonneg, ">= 0", original=False),
     K("weight_decay_all_params", "bool", False, "decay A_log, D, norms and biases too (the original's behaviour)", original=False),
     K("niah_noise_dataset", "str", "wikitext/wikitext-2-raw-v1", "haystack text: 'wikitext/<config>' (hub; bundled copy for test/validation) or a directory of wiki.<split>.raw files", original=False),
-    K("niah_noise_split_train", "str", "train", "haystack split for training", original=False),
-    K("niah_noise_split_eval", "str", "test", "haystack split for evaluation", original=False),
+    K("niah_noise_split_train", "str", "train", "haystack split for training", lambda v: v in WIKITEXT_SPLITS, f"one of {list(WIKITEXT_SPLITS)}", original=False),
+    K("niah_noise_split_eval", "str", "test", "haystack split for evaluation", lambda v: v in WIKITEXT_SPLITS, f"one of {list(WIKITEXT_SPLITS)}", original=False),
     K("niah_context_len_train_curriculum", "list[int]?", None, "haystack tokens per epoch before niah_context_len_train (epoch i uses entry i; e.g. [256, 512, 1024]); null: none", lambda v: all(x > 0 for x in v), "each > 0", original=False),
     K("niah_samples_per_cell", "int", 1, "passkey samples per (depth, length) cell (the paper: 1)", _pos, "> 0", original=False),
     K("niah_answer_as_in_context", "bool", False, "train on the key's tokens as they appear in the haystack (' 7','14','32') instead of the original's standalone encoding ('714','32'): a pure copy, learnable from scratch; scoring is unchanged", None, "", original=False),
@@ -171,13 +186,8 @@ def defaults() -> dict:
 
 def validate(cfg: dict, source: str = "config") -> list[str]:
     """Return notes on inert keys; raise ConfigError listing every problem."""
-    problems = []
-    for name in cfg:
-        if name not in KEY_BY_NAME:
-            close = difflib.get_close_matches(name, KEY_BY_NAME, n=3)
-            problems.append(f"unknown key {name!r}" + (f" (did you mean {close}?)" if close else ""))
-    hint = ("valid keys (python finetune_ssm.py --list-keys for types and defaults): " + ", ".join(KEY_BY_NAME)
-            if problems else "")
+    problems = [f"unknown key {name!r} ({_suggest(name)})" for name in cfg if name not in KEY_BY_NAME]
+    hint = "python finetune_ssm.py --list-keys prints every key with its type and default" if problems else ""
     for k in KEYS:
         if k.name not in cfg:
             continue
@@ -198,9 +208,14 @@ def validate(cfg: dict, source: str = "config") -> list[str]:
         problems.append(f"decimation_max_p_L_base={cfg['decimation_max_p_L_base']!r}: must be >= 1")
     if cfg["record_debug_params"] and cfg["dataset"] != "niah_custom":
         problems.append("record_debug_params is only supported with dataset 'niah_custom' (as in the original)")
+    scratch = cfg["scratch_model_config"] is not None and cfg["load_cp"] is None
+    if scratch:
+        problems += _scratch_problems(cfg)
     if problems:
         raise ConfigError(problems, source)
     notes = []
+    if cfg["scratch_model_config"] is not None and not scratch:
+        notes.append("scratch_model_config is inert (load_cp is set: its weights are loaded)")
     if cfg["deci_num_chunks"] != 1 and not (deci and cfg["dataset"] == "ppl_test"):
         notes.append(f"deci_num_chunks={cfg['deci_num_chunks']} is inert here (used only for decimating PG-19 training)")
     if not (deci and cfg["activate_decimation"]):
@@ -209,18 +224,85 @@ def validate(cfg: dict, source: str = "config") -> list[str]:
     return notes
 
 
+# Wrong names people type for a key, when the spelling is too far off for difflib to find it.
+ALIASES = {"learning_rate": "lr", "device": "model_device", "batch_size": "grad_accum_steps",
+           "micro_batch_size": "train_micro_batch_size", "num_epochs": "epochs", "checkpoint": "load_cp",
+           "model": "load_cp", "task": "dataset", "steps": "max_step", "max_steps": "max_step"}
+
+
+def _suggest(name: str) -> str:
+    """'did you mean ...?' for an unknown key: close spellings, an alias, or keys sharing a word."""
+    close = difflib.get_close_matches(name, KEY_BY_NAME, n=3, cutoff=0.6)
+    if not close and name.lower() in ALIASES:
+        close = [ALIASES[name.lower()]]
+    if not close:
+        words = {w for w in name.lower().split("_") if len(w) >= 3}
+        sharing = [k for k in KEY_BY_NAME if words & set(k.split("_"))]
+        close = sorted(sharing, key=lambda k: -difflib.SequenceMatcher(None, name, k).ratio())[:3]
+    if not close:
+        return "no key is close"
+    return "did you mean " + " or ".join(repr(c) for c in close) + "?"
+
+
+def _scratch_problems(cfg: dict) -> list[str]:
+    """scratch_model_config checked as the model will be built (MambaConfig), before any run starts."""
+    from dataclasses import MISSING, fields
+
+    from models.config import MambaConfig
+
+    given = cfg["scratch_model_config"]
+    for f in fields(MambaConfig):                   # container fields first: MambaConfig assumes their type
+        kind = f.default_factory() if f.default_factory is not MISSING else None
+        if isinstance(kind, (dict, list)) and f.name in given and not isinstance(given[f.name], type(kind)):
+            return [f"scratch_model_config.{f.name}={given[f.name]!r}: expected a JSON "
+                    f"{'object' if isinstance(kind, dict) else 'list'}"]
+    try:
+        mc = MambaConfig.from_dict({"vocab_size": 50277, **given})   # vocab_size: the tokenizer's, at run time
+    except (ValueError, TypeError, AttributeError) as exc:
+        return [f"scratch_model_config={given!r}: {exc}"]
+    problems = []
+    if cfg["mamba_arch"] == "deci" and cfg["activate_decimation"]:
+        bad = [i for i in cfg["decimating_layers"] if i >= mc.n_layer]
+        if bad:
+            problems.append(f"decimating_layers={cfg['decimating_layers']!r}: layers {bad} do not exist in the "
+                            f"scratch model (n_layer={mc.n_layer}: layers 0..{mc.n_layer - 1})")
+    bad = [i for i in cfg["find_deci_layer_candidates"] or [] if i >= mc.n_layer]
+    if bad:
+        problems.append(f"find_deci_layer_candidates: layers {bad} do not exist in the scratch model "
+                        f"(n_layer={mc.n_layer})")
+    return problems
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _reject_duplicates(pairs):
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def load(path: str | None, overrides: dict | None = None, device: str | None = None) -> tuple[dict, list[str]]:
     """defaults <- file <- overrides (--set) <- device (--device). Returns (config, notes)."""
     cfg = defaults()
     source = path or "defaults"
     if path is not None:
         try:
-            with open(path) as f:
-                data = json.load(f)
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f, object_pairs_hook=_reject_duplicates)
         except FileNotFoundError:
             raise ConfigError([f"config file {path!r} does not exist"], source) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError([f"not UTF-8 text (byte {exc.start})"], source) from None
         except json.JSONDecodeError as exc:
             raise ConfigError([f"not valid JSON: {exc}"], source) from None
+        except _DuplicateKey as exc:
+            raise ConfigError([f"key {exc.args[0]!r} appears more than once (JSON would keep only the last): "
+                               f"keep one"], source) from None
         if not isinstance(data, dict):
             raise ConfigError(["top level must be a JSON object of flat keys"], source)
         cfg.update(data)
@@ -248,11 +330,20 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
+# Keys --resume accepts a new value for: they change when or how long the run trains, where it logs
+# or runs, or how it is evaluated, not what one optimizer step does (the run stays one run).
+RESUME_SAFE = ("max_step", "epochs", "max_train_seconds", "eval_steps", "save_steps", "grad_flow_steps",
+               "activate_logging", "wandb_dir", "wandb_project", "wandb_mode", "model_device", "backend",
+               "cache_dir", "eval_prefill_chunk_size", "log_eval_predictions_steps", "eval_samples_to_log",
+               "train_micro_batch_size")
+
+
 def config_hash(cfg: dict) -> str:
-    """Hash of the keys that change evaluation results (not paths, logging or devices)."""
+    """Hash of the keys that can change a score: every key but paths, logging, the device (recorded
+    beside each result) and wall-time limits. backend and eval_prefill_chunk_size are in it (another
+    scan path or prefill chunking changes scores by rounding)."""
     skip = {"output_dir", "cache_dir", "activate_logging", "wandb_dir", "run_name_addon", "model_device",
-            "wandb_project", "wandb_mode", "eval_mode", "backend", "recover_step", "max_train_seconds",
-            "eval_prefill_chunk_size"}
+            "wandb_project", "wandb_mode", "eval_mode", "recover_step", "max_train_seconds"}
     blob = json.dumps({k: v for k, v in sorted(cfg.items()) if k not in skip}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -29,6 +29,7 @@ class Task:
     primary_metric = "score"
     higher_is_better = True
     axes: tuple = ()
+    chunks = 1                    # forwards per training sample (PG-19 with decimation splits windows)
 
     def __init__(self, cfg: dict, tokenizer):
         self.cfg, self.tok = cfg, tokenizer

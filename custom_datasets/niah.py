@@ -94,11 +94,11 @@ class NiahTask(Task):
         self.q_ids = tokenizer.encode(QUESTION)
         self.sep_ids = tokenizer.encode(ANSWER_PREFIX)
         self.eval_corpus = SentenceCorpus(wikitext_rows(cfg["niah_noise_dataset"], cfg["niah_noise_split_eval"],
-                                                        cfg["cache_dir"]), tokenizer)
+                                                        cfg["cache_dir"], "niah_noise_split_eval"), tokenizer)
         self.train_corpus = None
         if train:
             self.train_corpus = SentenceCorpus(wikitext_rows(cfg["niah_noise_dataset"], cfg["niah_noise_split_train"],
-                                                             cfg["cache_dir"]), tokenizer)
+                                                             cfg["cache_dir"], "niah_noise_split_train"), tokenizer)
             codes = passkey_codes("train")
             random.Random(cfg["seed"]).shuffle(codes)
             self.train_codes = codes[: cfg["niah_train_set_size"]]

@@ -64,7 +64,7 @@ def load_tokenizer(name_or_path: str, cache_dir=None, checkpoint_dir=None) -> To
     return Tokenizer(path)
 
 
-def wikitext_rows(dataset: str, split: str, cache_dir=None) -> list[str]:
+def wikitext_rows(dataset: str, split: str, cache_dir=None, key: str = "niah_noise_split_eval") -> list[str]:
     """Rows as the HF ``wikitext`` loader gives them: each non-blank line + '\\n', blank lines ''.
 
     dataset: 'wikitext/<config>' (hub; the bundled copy serves wikitext-2-raw-v1 test/validation,
@@ -84,7 +84,7 @@ def wikitext_rows(dataset: str, split: str, cache_dir=None) -> list[str]:
         raise ValueError(f"niah_noise_dataset={dataset!r}: expected 'wikitext/<config>' or a local directory")
     ds = load_hf_dataset(dataset.split("/", 1)[0], dataset.split("/", 1)[1], split, cache_dir,
                          hint=f"a directory holding {fname} as niah_noise_dataset, or a bundled split "
-                              f"(--set niah_noise_split_{'train' if split == 'train' else 'eval'}=validation)")
+                              f"(--set {key}=validation)")
     return list(ds["text"])
 
 

@@ -1,4 +1,10 @@
-"""Evaluation over a task's grid: resumable, one record per cell, a printed table, metrics and plots."""
+"""Evaluation over a task's grid: resumable, one record per cell, a printed table, metrics and plots.
+
+A recorded cell is reused only for the same IDENTITY (engine/results.py: task, version, checkpoint
+label, weights' content, config hash, backend, dtype, device type, step); the run says how many it
+reuses, and ``fresh=True`` (``--fresh-eval``) evaluates every cell again (new records are appended,
+the old ones stay).
+"""
 from __future__ import annotations
 
 import datetime
@@ -8,17 +14,27 @@ import time
 import torch
 from tqdm import tqdm
 
-from engine.results import ResultsStore, write_json_atomic
+from configs import schema
+from engine.results import ResultsStore, code_commit, state_digest, write_json_atomic
 
 
-def evaluate(task, model, device, run_dir: str, identity: dict, train_len=None, quiet=False):
+def evaluate(task, model, device, run_dir: str, identity: dict, train_len=None, quiet=False, fresh=False,
+             provenance: dict | None = None):
     """Run (or resume) every cell of ``task.eval_cells()``; returns (score, table, records).
 
-    identity: task, task_version, checkpoint, config_hash and step of this evaluation.
+    identity: engine.results.IDENTITY's fields of this evaluation; provenance: fields written into
+    each new record but not matched (device name, commit).
     """
     store = ResultsStore(os.path.join(run_dir, "results.jsonl"))
-    done = store.done(identity, task.axes)
     cells = task.eval_cells()
+    done = store.done(identity, task.axes)
+    recorded = sum(tuple(c[a] for a in task.axes) in done for c in cells)
+    if recorded and fresh:
+        print(f"--fresh-eval: not reusing {recorded} recorded cell(s) in {store.path}; appending new records")
+        done = {}
+    elif recorded:
+        print(f"reusing {recorded} recorded cell(s) from {store.path} (same weights, settings, backend, dtype, "
+              f"device; --fresh-eval evaluates them again)")
     was_training = model.training
     model.eval()
     try:
@@ -32,7 +48,7 @@ def evaluate(task, model, device, run_dir: str, identity: dict, train_len=None, 
                 results = task.run_cells(model, group, device) if len(group) > 1 else [task.run_cell(model, group[0], device)]
             share = round((time.perf_counter() - t) / len(group), 3)          # a batched group's time, split evenly
             for cell, res in zip(group, results):
-                rec = {**identity, **cell, **res, "seconds": share,
+                rec = {**identity, **(provenance or {}), **cell, **res, "seconds": share,
                        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
                 store.append(rec)
                 done[tuple(cell[a] for a in task.axes)] = rec
@@ -44,8 +60,8 @@ def evaluate(task, model, device, run_dir: str, identity: dict, train_len=None, 
         model.train(was_training)
     score, table = task.summarize(records)
     step = identity["step"]
-    metrics = {**identity, "metric": task.primary_metric, "higher_is_better": task.higher_is_better,
-               "score": score, "cells": len(records), "table": table}
+    metrics = {**identity, **(provenance or {}), "metric": task.primary_metric,
+               "higher_is_better": task.higher_is_better, "score": score, "cells": len(records), "table": table}
     write_json_atomic(os.path.join(run_dir, "metrics.json"), metrics)
     os.makedirs(os.path.join(run_dir, "plots"), exist_ok=True)
     plot_path = os.path.join(run_dir, "plots", f"{task.name}_step{step}.png")
@@ -66,3 +82,58 @@ def cell_groups(task, cells):
     for c in cells:
         out.setdefault(task.group_key(c), []).append(c)
     return list(out.values())
+
+
+def resolved_backend(backend: str, device) -> str:
+    """The scan path that runs: 'auto' is 'kernel' on CUDA with the kernels importable, else 'torch'."""
+    if backend != "auto":
+        return backend
+    from modules.kernels import HAS_KERNELS
+
+    return "kernel" if HAS_KERNELS and torch.device(device).type == "cuda" else "torch"
+
+
+def eval_identity(task, model, cfg, device, checkpoint: str, step: int, weights: str | None = None) -> tuple[dict, dict]:
+    """(identity, provenance) of evaluating ``model`` now. weights: the checkpoint files' digest when
+    ``model`` is exactly a loaded checkpoint; None: the digest of its in-memory parameters."""
+    dev = torch.device(device)
+    identity = {"task": task.name, "task_version": task.version, "checkpoint": checkpoint,
+                "weights": weights or state_digest(model), "config_hash": schema.config_hash(cfg),
+                "backend": resolved_backend(cfg["backend"], dev),
+                "dtype": str(next(iter(model.parameters())).dtype).replace("torch.", ""),
+                "device": dev.type, "step": step}
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    return identity, {"device_name": name, "commit": code_commit()}
+
+
+def run_eval(task, model, cfg, run_dir, device, checkpoint, step, label, weights=None, fresh=False):
+    identity, provenance = eval_identity(task, model, cfg, device, checkpoint, step, weights)
+    print(f"Evaluating over {task.name}, step {step}")
+    score, table, _ = evaluate(task, model, device, run_dir, identity, fresh=fresh, provenance=provenance)
+    print(table)
+    print(f"Validation Set - {label} | Score: {score:.3f}")
+    return score
+
+
+def better(task, score, best):
+    if best is None or score != score:
+        return best is None and score == score
+    return score > best if task.higher_is_better else score < best
+
+
+def find_deci_layer(task, model, cfg, run_dir, device, weights=None, fresh=False):
+    """Sweep the (single) decimating layer on the eval set; install the best layer number in
+    ``model`` and ``cfg``. Each layer's cells carry that layer in their config hash."""
+    n = model.config.n_layer
+    cands = cfg["find_deci_layer_candidates"] or (list(range(8, min(n, 25))) if n > 8 else list(range(n)))
+    saved = list(model.decimation.decimating_layers)
+    scores = {}
+    for layer in cands:
+        model.decimation.decimating_layers = [layer]
+        scores[layer] = run_eval(task, model, {**cfg, "decimating_layers": [layer]}, os.path.join(run_dir, "find_deci_layer"),
+                                 device, f"sweep_layer_{layer}", 0, f"decimating layer {layer}", weights, fresh)
+    pick = (max if task.higher_is_better else min)(scores, key=scores.get) if scores else saved[0]
+    model.decimation.decimating_layers = [pick] if scores else saved
+    write_json_atomic(os.path.join(run_dir, "find_deci_layer.json"), {"scores": scores, "chosen_layer": pick})
+    print(f"find_deci_layer: scores {scores}; chosen layer {pick}")
+    cfg["decimating_layers"] = [pick]

@@ -19,7 +19,9 @@ def param_groups(model, weight_decay: float, decay_all: bool) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_scheduler(optimizer, kind: str, warmup: int, total: int):
+def make_scheduler(optimizer, kind: str, warmup: int, total: int, start_step: int = 0):
+    """LR factor per step: linear warmup, then constant or cosine to 0 at ``total``. start_step > 0
+    (recover_step): the schedule stands at that step, as if it had been stepped that many times."""
     def factor(step):
         if warmup and step < warmup:
             return (step + 1) / warmup
@@ -27,4 +29,7 @@ def make_scheduler(optimizer, kind: str, warmup: int, total: int):
             progress = min(1.0, (step - warmup) / max(1, total - warmup))
             return 0.5 * (1 + math.cos(math.pi * progress))
         return 1.0
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if start_step:
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start_step - 1)

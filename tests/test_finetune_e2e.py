@@ -7,6 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 import finetune_ssm
+from engine import train as train_loop
+from engine.checkpoint import STATE_INDEX
 from models import DecimatingMambaModel, MambaConfig
 
 TINY = {"activate_logging": False, "model_device": "cpu", "dataset": "niah_custom", "mamba_arch": "deci",
@@ -17,10 +19,10 @@ TINY = {"activate_logging": False, "model_device": "cpu", "dataset": "niah_custo
         "decimating_layers": [1], "decimation_max_p_L_base": 60, "lr": 1e-3}
 
 
-def _run(tmp_path, name, **over):
+def _run(tmp_path, name, rc=0, **over):
     cfg_path = tmp_path / f"{name}.json"
     cfg_path.write_text(json.dumps({**TINY, "output_dir": str(tmp_path), **over}))
-    assert finetune_ssm.main(["--config", str(cfg_path), "--run-name", name]) == 0
+    assert finetune_ssm.main(["--config", str(cfg_path), "--run-name", name]) == rc
     return tmp_path / name
 
 
@@ -43,7 +45,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tmp_
     import signal
 
     straight = _run(tmp_path, "straight", max_step=4, eval_steps=100, save_steps=100)
-    real_step = finetune_ssm.train_step
+    real_step = train_loop.train_step
     calls = []
 
     def step_then_signal(*a, **k):           # SIGTERM arrives during step 2
@@ -53,10 +55,10 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tmp_
             os.kill(os.getpid(), signal.SIGTERM)
         return out
 
-    monkeypatch.setattr(finetune_ssm, "train_step", step_then_signal)
-    stopped = _run(tmp_path, "stopped", max_step=4, eval_steps=100, save_steps=100)
-    monkeypatch.setattr(finetune_ssm, "train_step", real_step)
-    assert len(calls) == 2 and (stopped / "epoch_0_step_2" / "training_state.pt").exists()
+    monkeypatch.setattr(train_loop, "train_step", step_then_signal)
+    stopped = _run(tmp_path, "stopped", rc=train_loop.EXIT_STOPPED, max_step=4, eval_steps=100, save_steps=100)
+    monkeypatch.setattr(train_loop, "train_step", real_step)
+    assert len(calls) == 2 and (stopped / "epoch_0_step_2" / STATE_INDEX).exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL           # handler removed after training
     assert finetune_ssm.main(["--resume", str(stopped)]) == 0
     a = load_file(straight / "epoch_0_step_4" / "model.safetensors")
@@ -161,9 +163,9 @@ def test_squad_and_pg19_train_and_evaluate(tmp_path):
         recs = [json.loads(x) for x in open(run / "results.jsonl")]
         assert {r["num_docs"] for r in recs} == {3, 6} and {r["step"] for r in recs} == {0, 2}
     books = [{"short_book_title": f"b{i}", "input_tokens": torch.randint(0, 50277, (1, 900))} for i in range(6)]
-    save_split(books, str(tmp_path / "pg19"), "test")
-    save_split(books, str(tmp_path / "pg19"), "train")
-    run = _run(tmp_path, "pg19", dataset="ppl_test", pg19_dir=str(tmp_path / "pg19"), ppl_test_context_lens_eval=[200, 400],
+    save_split(books, str(tmp_path / "pg19_data"), "test")
+    save_split(books, str(tmp_path / "pg19_data"), "train")
+    run = _run(tmp_path, "pg19", dataset="ppl_test", pg19_dir=str(tmp_path / "pg19_data"), ppl_test_context_lens_eval=[200, 400],
                ppl_test_num_windows_per_context_len_eval=2, ppl_test_pred_len=20, ppl_test_context_len_train=120,
                deci_num_chunks=2, max_step=2, grad_accum_steps=3)
     metrics = json.loads((run / "metrics.json").read_text())
