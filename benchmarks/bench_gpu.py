@@ -1,6 +1,6 @@
 """GPU benchmarks, side by side in one run on the same random weights (mamba-130m shape by default).
 
-    python benchmarks/bench_gpu.py --out benchmarks/results/gpu_h200 [--lengths 2048 ... 1048576]
+    python benchmarks/bench_gpu.py --out benchmarks/results/gpu [--lengths 2048 ... 1048576]   (or: bash benchmarks/gpu_check.sh)
 
 Prefill = one forward of a batch-1 prompt to the last token's logits. Rows: our vanilla model and
 our DeciMamba model (decimating layer 12, L_base 2000, as the passkey preset) on the kernel path;
@@ -221,7 +221,7 @@ def main():
     ap.add_argument("--max-seconds", type=float, default=240)
     ap.add_argument("--stream-lengths", type=int, nargs="*", default=[1048576, 10485760])
     ap.add_argument("--chunk", type=int, nargs="+", default=[65536, 32768], help="streaming chunk sizes to compare")
-    ap.add_argument("--out", default="benchmarks/results/gpu_h200")
+    ap.add_argument("--out", default="benchmarks/results/gpu")
     ap.add_argument("--profile-len", type=int, default=131072, help="prompt length of the profiled prefill (0: none)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["prefill", "grid", "streaming", "train", "hf", "profile"])
     args = ap.parse_args()

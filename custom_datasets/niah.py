@@ -130,7 +130,7 @@ class NiahTask(Task):
         both; a model trained from scratch must also learn to re-segment numbers. With
         ``niah_answer_as_in_context`` it trains on the haystack's tokens instead (a pure copy;
         decoded, ' 71432' still scores as correct): on 128-token haystacks it learned the task in
-        ~1.6x fewer steps (benchmarks/results/passkey_h200_attempt2/README.md)."""
+        ~1.6x fewer steps (docs/RESULTS.md, passkey section)."""
         return self.tok.encode(" " + code) if self.cfg["niah_answer_as_in_context"] else self.tok.encode(code)
 
     def train_context_len(self, epoch: int) -> int:
