@@ -59,3 +59,23 @@ def resolve_file(name_or_path: str, filename: str, cache_dir=None, what: str = "
         return hf_hub_download(name_or_path, filename, cache_dir=cache_dir, etag_timeout=10)
     except EntryNotFoundError:
         return None
+
+
+def resolve_first(name_or_path: str, filenames, cache_dir=None, what: str = "checkpoint",
+                  local_hint: str = "a local directory") -> tuple[str, str] | None:
+    """(filename, path) of the first of ``filenames`` the directory or hub repo has; None if none.
+
+    A hub repo's local cache is searched for every candidate before the network is tried, so an
+    offline machine finds a cached pytorch_model.bin even when model.safetensors was never fetched."""
+    if not os.path.isdir(name_or_path) and looks_like_repo_id(name_or_path):
+        from huggingface_hub import try_to_load_from_cache
+
+        for fname in filenames:
+            cached = try_to_load_from_cache(name_or_path, fname, cache_dir=cache_dir)
+            if isinstance(cached, str):
+                return fname, cached
+    for fname in filenames:
+        path = resolve_file(name_or_path, fname, cache_dir, what, local_hint)
+        if path is not None:
+            return fname, path
+    return None
