@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -241,14 +242,53 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
+# Which scan serves CUDA calls: "mamba_ssm" (its selective_scan_fn, plus the initial-state
+# correction), "triton" (modules.triton_scan: forward only, so calls that need a gradient still go
+# to mamba-ssm) or "torch" (selective_scan_ref). The environment variable DECIMAMBA_SCAN overrides
+# the default, read at each call.
+SCAN_IMPLS = ("mamba_ssm", "triton", "torch")
+DEFAULT_SCAN_IMPL = "mamba_ssm"
+
+
+def scan_impl() -> str:
+    impl = os.environ.get("DECIMAMBA_SCAN", "") or DEFAULT_SCAN_IMPL
+    if impl not in SCAN_IMPLS:
+        raise ValueError(f"DECIMAMBA_SCAN={impl!r} is not valid; choose one of {SCAN_IMPLS}")
+    return impl
+
+
+@functools.cache
+def _triton_scan():
+    """modules.triton_scan.selective_scan_fwd, or None where Triton cannot be imported."""
+    try:
+        from modules.triton_scan import selective_scan_fwd
+    except ImportError:
+        return None
+    return selective_scan_fwd
+
+
+def _triton_serves(u, A, B, C, tensors) -> bool:
+    """The Triton forward takes the call: a CUDA call, no gradient wanted, a shape it supports."""
+    if not u.is_cuda or u.dtype not in (torch.float32, torch.bfloat16, torch.float16) or _triton_scan() is None:
+        return False
+    if A.is_complex() or A.shape[1] > 64 or B.dim() < 3 or C.dim() < 3:
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, initial_state=None, backend="auto"):
-    """Dispatcher: mamba-ssm's CUDA kernel when allowed and possible, else ``selective_scan_ref``.
+    """Dispatcher: on CUDA, the scan chosen by ``scan_impl()`` when allowed and possible, else
+    ``selective_scan_ref``.
 
-    The Mamba-1 kernel takes no initial state; with one, the kernel's zero-state result is
-    corrected exactly by ``initial_state_correction`` (linearity of the recurrence).
+    The Mamba-1 kernel of mamba-ssm takes no initial state; with one, its zero-state result is
+    corrected exactly by ``initial_state_correction`` (linearity of the recurrence). The Triton
+    scan takes the state itself and the model's strides as they are (no copies).
     """
-    if not kernels.use_kernels(backend, u):
+    impl = scan_impl() if backend != "torch" else "torch"
+    if impl == "triton" and _triton_serves(u, A, B, C, (u, delta, A, B, C, D, z, delta_bias, initial_state)):
+        return _triton_scan()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
+    if impl == "torch" or not kernels.use_kernels(backend, u):
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
     u, delta, z = (None if t is None else _aligned(t) for t in (u, delta, z))
     B, C = B.contiguous(), C.contiguous()
