@@ -6,9 +6,11 @@ DeciMamba patch of it. Parameter names equal mamba-ssm's, so ``state-spaces/mamb
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import pickle
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -16,15 +18,21 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from models import hf_format
 from models.config import MambaConfig
 from models.generation import generate as _generate
-from models.hub import resolve_file
+from models.hf_format import FORMATS, MAMBA_SSM, TRANSFORMERS, CheckpointFormatError
+from models.hub import resolve_file, resolve_first
 from modules.block import Block, add_norm, make_norm
 from modules.decimation import DecimationConfig, gather_tokens
 from modules.kernels import BACKENDS
+from modules.mamba2_mixer import Mamba2Mixer
 from modules.mamba_mixer import MambaMixer
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# in order of preference; an index names shards (transformers' sharded checkpoints)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# kept fp32 whatever the model dtype (mamba-ssm creates A_log and D in fp32; Δ's bias is used in fp32)
+KEEP_FP32 = ("A_log", "D", "dt_proj.bias", "dt_bias")
 
 
 @dataclass
@@ -34,7 +42,7 @@ class LMOutput:
     kept_indices: [(layer_idx, kept positions in that layer's input)] for each layer listed in
     ``decimating_layers``, in layer order (every position when decimation is off); a LongTensor
     (k,) for batch 1, (b, k) otherwise. debug_params: per-layer dicts of A, B, C,
-    Δ and kept indices when ``record_debug_params`` is on, else None."""
+    Δ and kept indices when the forward is called with ``record=True``, else None."""
 
     logits: torch.Tensor
     kept_indices: list = field(default_factory=list)
@@ -57,11 +65,12 @@ class MixerModel(nn.Module):
         fk = {"device": device, "dtype": dtype}
         d = config.d_model
         self.embedding = nn.Embedding(config.padded_vocab_size, d, **fk)
+        mixer_cls = Mamba2Mixer if config.ssm_cfg.get("layer", "Mamba1") == "Mamba2" else MambaMixer
         self.layers = nn.ModuleList(
-            Block(d, MambaMixer(d, layer_idx=i, **config.mixer_kwargs(), **fk), config.rms_norm,
-                  config.residual_in_fp32, **fk)
+            Block(d, mixer_cls(d, layer_idx=i, **config.mixer_kwargs(), **fk), config.rms_norm,
+                  config.residual_in_fp32, norm_eps=config.norm_epsilon, **fk)
             for i in range(config.n_layer))
-        self.norm_f = make_norm(d, config.rms_norm, **fk)
+        self.norm_f = make_norm(d, config.rms_norm, eps=config.norm_epsilon, **fk)
 
     def forward(self, input_ids, resp_len, decimation, caches=None, record=False):
         hidden, residual = self.embedding(input_ids), None                                   # (b, l, d)
@@ -97,6 +106,8 @@ class MambaLMHeadModel(nn.Module):
     model never decimates (as the original forces it off for mamba_arch 'vanilla')."""
 
     decimating = False
+    checkpoint_format = None     # "mamba_ssm" | "transformers" once loaded: save_pretrained's default
+    _hf_base_config = None       # the transformers config.json it was loaded from (token ids etc. carried over)
 
     def __init__(self, config: MambaConfig, decimation_config=None, device=None, dtype=None, backend="auto"):
         super().__init__()
@@ -141,14 +152,15 @@ class MambaLMHeadModel(nn.Module):
                     module.weight /= math.sqrt(n_layer)
 
     # ---------------------------------------------------------------- forward / decoding
-    def forward(self, input_ids, num_last_tokens: int = 0, caches=None):
+    def forward(self, input_ids, num_last_tokens: int = 0, caches=None, record: bool = False):
         """input_ids (b, l) -> LMOutput. ``caches`` (from allocate_inference_cache) is filled
-        with the prompt's final states (prefill)."""
+        with the prompt's final states (prefill). ``record``: also return every layer's A, B, C,
+        Δ and kept indices (debug_params) of this call; only a caller that keeps them asks
+        (custom_datasets/debug_params.py) -- the config's record_debug_params never records here."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
         resp_len = num_last_tokens if self.decimating else 0
-        hidden, kept, debug = self.backbone(input_ids, resp_len, self.decimation, caches,
-                                            record=self.decimation.record_debug_params)
+        hidden, kept, debug = self.backbone(input_ids, resp_len, self.decimation, caches, record=record)
         if num_last_tokens > 0:
             hidden = hidden[:, -num_last_tokens:]
         return LMOutput(self.lm_head(hidden), kept, debug)
@@ -170,43 +182,73 @@ class MambaLMHeadModel(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, device=None, dtype=None, decimation_config=None, cache_dir=None,
                         backend="auto", **config_overrides):
-        """Load ``config.json`` + ``model.safetensors`` or ``pytorch_model.bin`` (weights_only)
-        from a local directory or a hub id (state-spaces/mamba-130m, assafbk/decimamba-130m-niah)."""
+        """Load a checkpoint from a local directory or a hub id: mamba_ssm format
+        (state-spaces/mamba-130m, assafbk/decimamba-130m-niah) or transformers format
+        (model_type "mamba" or "falcon_mamba": state-spaces/mamba-130m-hf, tiiuae/falcon-mamba-7b),
+        told apart by config.json (models/hf_format.py). Weights: model.safetensors,
+        pytorch_model.bin (weights_only) or their sharded index. ``dtype`` casts every weight but
+        A_log, D and dt_proj.bias, which stay fp32 (KEEP_FP32). ``config_overrides`` are
+        MambaConfig fields, applied after the format's config is read."""
         hint = "a local directory holding config.json and model.safetensors or pytorch_model.bin"
         cfg_path = resolve_file(name_or_path, "config.json", cache_dir, "checkpoint", hint)
         if cfg_path is None:
             raise FileNotFoundError(f"checkpoint {name_or_path!r} has no config.json; pass {hint}")
-        with open(cfg_path) as f:
-            config = MambaConfig.from_dict({**json.load(f), **config_overrides})
-        state = None
-        for fname in WEIGHT_FILES:
-            path = resolve_file(name_or_path, fname, cache_dir, "checkpoint", hint)
-            if path is not None:
-                state = _load_state_dict(path)
-                break
-        if state is None:
-            raise FileNotFoundError(f"checkpoint {name_or_path!r} has none of {WEIGHT_FILES}; pass {hint}")
+        raw = _read_json(cfg_path)
+        fmt = hf_format.detect_format(raw, cfg_path)
+        try:
+            config = hf_format.config_from_hf(raw, cfg_path) if fmt == TRANSFORMERS else MambaConfig.from_dict(raw)
+            if config_overrides:
+                config = MambaConfig.from_dict({**dataclasses.asdict(config), **config_overrides})
+        except CheckpointFormatError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise CheckpointFormatError(f"{cfg_path}: {exc}") from None
+        state = _load_weights(name_or_path, cache_dir, hint)
+        if fmt == TRANSFORMERS:
+            hf_format.state_from_hf(state, config.tie_embeddings)
         with torch.random.fork_rng(devices=[]):      # the random init is overwritten: leave the caller's RNG alone
-            model = cls(config, decimation_config=decimation_config, backend=backend)
-        if config.tie_embeddings:
-            state.setdefault("lm_head.weight", state["backbone.embedding.weight"])
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {name_or_path!r} does not match its config: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
-        return model.to(device=device, dtype=dtype)
+            model = cls(config, decimation_config=decimation_config, backend=backend, dtype=dtype)
+        _keep_fp32(model)
+        if config.tie_embeddings and hf_format.EMBEDDING[0] in state:
+            state["lm_head.weight"] = state[hf_format.EMBEDDING[0]]
+        own = model.state_dict()
+        bad = [f"{k} {tuple(v.shape)} (config: {tuple(own[k].shape)})" for k, v in state.items()
+               if k in own and own[k].shape != v.shape]
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected or bad:
+            raise CheckpointFormatError(
+                f"checkpoint {name_or_path!r} does not match its config.json: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}, shape mismatch {bad[:3]}; the weights and config.json disagree")
+        model.load_state_dict(state)
+        model.checkpoint_format = fmt
+        model._hf_base_config = raw if fmt == TRANSFORMERS else None
+        return model.to(device=device)
 
-    def save_pretrained(self, save_dir) -> None:
-        """Write config.json and model.safetensors, each atomically (temp file + rename)."""
+    def save_pretrained(self, save_dir, format: str | None = None) -> None:
+        """Write config.json and model.safetensors, each atomically (temp file, fsync, rename).
+
+        format: "mamba_ssm" (mamba-ssm's names; loads in mamba_ssm and here) or "transformers"
+        (loads with transformers' MambaForCausalLM / FalconMambaForCausalLM.from_pretrained, and
+        here). Default: the format the model was loaded from; else mamba_ssm for Mamba and
+        transformers for Falcon-Mamba (mamba-ssm has no Falcon-Mamba mixer)."""
         from safetensors.torch import save_file
 
-        os.makedirs(save_dir, exist_ok=True)
+        falcon = bool(self.config.ssm_cfg.get("b_c_dt_rms", False))
+        fmt = format or self.checkpoint_format or (TRANSFORMERS if falcon else MAMBA_SSM)
+        if fmt not in FORMATS:
+            raise ValueError(f"format={fmt!r} is not valid; choose one of {FORMATS}")
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         if self.config.tie_embeddings:
             state.pop("lm_head.weight")
+        if fmt == TRANSFORMERS:
+            dtype_name = str(self.backbone.embedding.weight.dtype).removeprefix("torch.")
+            cfg = hf_format.config_to_hf(self.config, dtype_name, self._hf_base_config)
+            hf_format.state_to_hf(state)
+        else:
+            cfg = self.config.to_dict()
+        os.makedirs(save_dir, exist_ok=True)
         atomic_write(save_dir, "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
-        atomic_write(save_dir, "config.json",
-                      lambda p: open(p, "w").write(json.dumps(self.config.to_dict(), indent=2)))
+        atomic_write(save_dir, "config.json", lambda p: _write_text(p, json.dumps(cfg, indent=2) + "\n"))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
@@ -220,20 +262,92 @@ class DecimatingMambaModel(MambaLMHeadModel):
     decimating = True
 
 
+def _keep_fp32(model) -> None:
+    """KEEP_FP32 parameters (A_log, D, Δ's bias) in fp32 (in place: the same Parameters, attributes kept)."""
+    for name, p in model.named_parameters():
+        if p.dtype in (torch.float16, torch.bfloat16) and any(name == k or name.endswith("." + k) for k in KEEP_FP32):
+            p.data = p.data.float()                  # fp64 models stay fp64
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise CheckpointFormatError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
+                                    f"fix or re-create the file") from None
+    except UnicodeDecodeError:
+        raise CheckpointFormatError(f"{path}: not UTF-8 text; it should be a JSON file") from None
+    if not isinstance(data, dict):
+        raise CheckpointFormatError(f"{path}: holds a JSON {type(data).__name__}, not an object of settings")
+    return data
+
+
+def _load_weights(name_or_path: str, cache_dir, hint: str) -> dict:
+    """The state dict of the first of WEIGHT_FILES the checkpoint has (all shards of an index)."""
+    found = resolve_first(name_or_path, WEIGHT_FILES, cache_dir, "checkpoint", hint)
+    if found is None:
+        raise FileNotFoundError(f"checkpoint {name_or_path!r} has none of {WEIGHT_FILES}; pass {hint}")
+    fname, path = found
+    if not fname.endswith(".index.json"):
+        return _load_state_dict(path)
+    weight_map = _read_json(path).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointFormatError(f"{path}: has no 'weight_map' of parameter -> shard file; re-download it")
+    state = {}
+    for shard in sorted(set(weight_map.values())):
+        if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", ".."):
+            raise CheckpointFormatError(f"{path}: shard {shard!r} is not a file name in the checkpoint directory")
+        shard_path = resolve_file(name_or_path, shard, cache_dir, "checkpoint", hint)
+        if shard_path is None:
+            raise FileNotFoundError(f"checkpoint {name_or_path!r}: shard {shard} named in {fname} is missing; "
+                                    f"re-download the checkpoint")
+        state.update(_load_state_dict(shard_path))
+    return state
+
+
 def _load_state_dict(path: str) -> dict:
+    """Tensors of a .safetensors or a weights-only .bin file; a bad file is one CheckpointFormatError line."""
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(path)
+        except SafetensorError as exc:
+            raise CheckpointFormatError(f"{path}: not a readable safetensors file ({exc}); it is truncated or "
+                                        f"corrupt: re-download or re-save the checkpoint") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's message suggests weights_only=False, which would run the file's code: not offered here
+        raise CheckpointFormatError(
+            f"{path}: holds Python objects besides tensors, which the safe loader (weights_only=True) refuses; "
+            f"convert it to model.safetensors from a trusted copy") from None
+    except (RuntimeError, EOFError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointFormatError(f"{path}: not a readable PyTorch checkpoint ({first}); it is truncated or "
+                                    f"corrupt: re-download or re-save the checkpoint") from None
+    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise CheckpointFormatError(f"{path}: holds a {type(state).__name__} that is not a state dict of "
+                                    f"name -> tensor; save model.state_dict() instead")
+    return state
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def atomic_write(directory: str, name: str, write) -> None:
-    """Write directory/name through ``write(tmp_path)``, then rename it into place (never half a file)."""
+    """Write directory/name through ``write(tmp_path)``, fsync it, then rename it into place
+    (never half a file, even after a power cut) and fsync the directory (the rename itself)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(tmp, 0o666 & ~mask)            # mkstemp makes 0600 files; checkpoints are shared
@@ -242,3 +356,17 @@ def atomic_write(directory: str, name: str, write) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        dfd = os.open(directory, os.O_RDONLY)
+    except OSError:                              # e.g. Windows cannot open a directory: nothing to sync
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)

@@ -65,11 +65,11 @@ class Block(nn.Module):
     """
 
     def __init__(self, d_model: int, mixer: nn.Module, rms_norm: bool, residual_in_fp32: bool,
-                 device=None, dtype=None):
+                 device=None, dtype=None, norm_eps: float = 1e-5):
         super().__init__()
         self.residual_in_fp32 = residual_in_fp32
         self.mixer = mixer
-        self.norm = make_norm(d_model, rms_norm, device=device, dtype=dtype)
+        self.norm = make_norm(d_model, rms_norm, eps=norm_eps, device=device, dtype=dtype)
 
     def forward(self, hidden, residual, **mixer_kwargs):
         hidden, residual = add_norm(self.norm, hidden, residual, self.residual_in_fp32, self.mixer.backend)

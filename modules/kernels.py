@@ -4,9 +4,13 @@ mamba-ssm (``selective_scan_fn``, ``mamba_inner_fn``) and causal-conv1d (``causa
 are GPU accelerators. They cannot be imported on a machine without CUDA, and a broken CUDA
 install raises ``OSError``/``RuntimeError`` (undefined symbols) rather than ``ImportError``, so
 all three are caught. Everything else in the package works without them.
+
+Mamba-2's SSD kernels (``mamba_chunk_scan_combined``, ``mamba_split_conv1d_scan_combined``, Triton)
+are imported lazily, on the first CUDA call that may use them (``use_ssd_kernels``).
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 KERNEL_INSTALL_HINT = (
@@ -63,3 +67,50 @@ def use_kernels(backend: str, tensor) -> bool:
             stacklevel=3,
         )
     return on_cuda and HAS_KERNELS
+
+
+@functools.cache
+def _ssd_kernels():
+    """(mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined, error or None), imported once."""
+    try:  # pragma: no cover - exercised only where CUDA kernels are installed
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as scan
+        from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined as fused
+    except (ImportError, OSError, RuntimeError) as exc:  # missing, or a broken CUDA / Triton build
+        return None, None, f"{type(exc).__name__}: {exc}"
+    return scan, fused, None
+
+
+def mamba_chunk_scan_combined(*args, **kwargs):
+    """mamba-ssm's SSD chunk scan (Mamba-2); call only where ``use_ssd_kernels`` said True."""
+    return _ssd_kernels()[0](*args, **kwargs)
+
+
+def mamba_split_conv1d_scan_combined(*args, **kwargs):
+    """mamba-ssm's fused Mamba-2 conv + SSD + gated norm + out-projection; as above."""
+    return _ssd_kernels()[1](*args, **kwargs)
+
+
+_ssd_warned = False
+
+
+def use_ssd_kernels(backend: str, tensor) -> bool:
+    """``use_kernels`` for Mamba-2 layers: the SSD Triton kernels and causal-conv1d. The import is
+    attempted only for CUDA tensors (or backend "kernel"), so CPU runs never load Triton."""
+    global _ssd_warned
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not valid; choose one of {BACKENDS}")
+    if backend == "torch" or (backend == "auto" and not tensor.is_cuda):
+        return False
+    error = KERNEL_IMPORT_ERROR if causal_conv1d_fn is None else _ssd_kernels()[2]
+    if backend == "kernel":
+        if error is not None:
+            raise RuntimeError(f"backend='kernel' was requested but the Mamba-2 kernels are not importable "
+                               f"({error}). Install them: {KERNEL_INSTALL_HINT}, or use backend='torch'.")
+        if not tensor.is_cuda:
+            raise RuntimeError("backend='kernel' needs CUDA tensors; move the model to a GPU or use backend='torch'.")
+        return True
+    if error is not None and not _ssd_warned:
+        _ssd_warned = True
+        warnings.warn(f"Running the pure-PyTorch SSD scan on CUDA because the Mamba-2 kernels are not "
+                      f"importable ({error}). For speed: {KERNEL_INSTALL_HINT}", stacklevel=3)
+    return error is None

@@ -14,6 +14,12 @@ Both paths (torch reference / CUDA kernels) follow the same numbered steps:
     3c decimation · 3d selective scan · 4 gate and out-projection
 Decimation needs the post-conv activations gathered before the scan, so the fused
 ``mamba_inner_fn`` serves only calls in which this layer keeps every token.
+
+Falcon-Mamba (``b_c_dt_rms``): step 3a ends with weightless RMS norms (eps ``mixer_rms_eps``) of
+B, C and the low-rank dt before dt_proj, as transformers' FalconMambaMixer. mamba-ssm's
+``mamba_inner_fn`` has no such norms, so on the kernel path a Falcon layer runs the conv and the
+scan as kernels with the norms in PyTorch between them (never the fused inner function). The
+decimation score is ‖Δ‖₂ of the Δ the scan uses: softplus(dt_proj(rms(dt)) + dt_bias).
 """
 from __future__ import annotations
 
@@ -33,13 +39,14 @@ SCORE_BLOCK = 1 << 16   # tokens per block when scoring by ‖Δ‖ (bounds the 
 class MambaMixer(nn.Module):
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
                  dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False,
-                 use_fast_path=True, layer_idx=None, device=None, dtype=None):
+                 use_fast_path=True, b_c_dt_rms=False, mixer_rms_eps=1e-6, layer_idx=None, device=None, dtype=None):
         super().__init__()
         fk = {"device": device, "dtype": dtype}
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.d_inner = int(expand * d_model)
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
         self.use_fast_path = use_fast_path   # allow mamba_inner_fn on layers that keep every token
+        self.b_c_dt_rms, self.mixer_rms_eps = b_c_dt_rms, mixer_rms_eps   # Falcon-Mamba's B/C/dt norms
         self.layer_idx = layer_idx
         self.backend = "auto"                # "auto" | "torch" | "kernel", set by the model
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **fk)
@@ -76,7 +83,7 @@ class MambaMixer(nn.Module):
         """
         decimation = decimation or DecimationConfig()
         on_kernels = kernels.use_kernels(self.backend, hidden)
-        if (on_kernels and self.use_fast_path and cache is None and not record
+        if (on_kernels and self.use_fast_path and cache is None and not record and not self.b_c_dt_rms
                 and not decimation.decimates(self.layer_idx)):
             return kernels.mamba_inner_fn(
                 self._in_proj(hidden), self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
@@ -126,9 +133,17 @@ class MambaMixer(nn.Module):
         else:
             x = F.silu(self.conv1d(x)[..., prev:prev + length])
         x_dbl = self.x_proj(x.transpose(1, 2))                                              # 3a: (b, l, r + 2n)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt, B, C = self._select_norms(torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1))
         dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)                                 # (b, e, l), no bias yet
         return x, dt, B.transpose(1, 2), C.transpose(1, 2), z
+
+    def _select_norms(self, dt_b_c):
+        """Falcon-Mamba: x / sqrt(mean(x²) + eps) over the last axis of dt (rank r), B and C (n),
+        in fp32, returned in the input dtype; the identity for Mamba."""
+        if not self.b_c_dt_rms:
+            return dt_b_c
+        return tuple((t.float() * torch.rsqrt(t.float().pow(2).mean(-1, keepdim=True) + self.mixer_rms_eps)
+                      ).to(t.dtype) for t in dt_b_c)
 
     def delta(self, dt):
         """3b: Δ = softplus(dt + dt_bias) in fp32, (b, e, l): the step size and the decimation score."""
@@ -166,7 +181,7 @@ class MambaMixer(nn.Module):
         if self.conv1d.bias is not None:
             x = x + self.conv1d.bias
         x = F.silu(x).to(dtype)
-        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)  # 3a
+        dt, B, C = self._select_norms(torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1))  # 3a
         dt = F.softplus((dt @ self.dt_proj.weight.t()).float() + self.dt_proj.bias.float())       # 3b: (b, e)
         A = -torch.exp(self.A_log.float())                                                  # (e, n)
         dA = torch.exp(dt[..., None] * A)                                                   # (b, e, n)
