@@ -211,8 +211,10 @@ def test_state_spaces_names_and_vocab_padding():
 def test_bad_config_and_missing_checkpoint_messages(tmp_path):
     with pytest.raises(ValueError, match="unknown keys"):
         MambaConfig.from_dict({"d_model": 8, "n_layer": 1, "hidden_size": 8})
-    with pytest.raises(ValueError, match="Mamba2"):
-        MambaConfig(d_model=8, n_layer=1, ssm_cfg={"layer": "Mamba2"})
+    with pytest.raises(ValueError, match="Mamba3"):
+        MambaConfig(d_model=64, n_layer=1, ssm_cfg={"layer": "Mamba3"})
+    with pytest.raises(ValueError, match=r"\['dt_rank'\] are unknown for layer 'Mamba2'"):
+        MambaConfig(d_model=64, n_layer=1, ssm_cfg={"layer": "Mamba2", "dt_rank": 4})
     with pytest.raises(FileNotFoundError, match="neither an existing directory nor a hub id"):
         MambaLMHeadModel.from_pretrained(str(tmp_path / "nope"))
     with pytest.raises(ValueError, match=r"decimating_layers \[9\] are outside"):
