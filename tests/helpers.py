@@ -126,6 +126,31 @@ def rel_err(got, ref) -> float:
     return ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+# bf16 budgets: relative norm error of a bf16-autocast path against the fp32 reference, for the
+# 4-layer test models of the GPU tests. Each bf16 rounding errs by <= u = 2^-8 ≈ 3.9e-3. On the way
+# to the logits each layer rounds ~12 tensors (inputs and weights of in_proj, x_proj, dt_proj,
+# out_proj; the conv, scan and norm outputs) and the head 2: ~50 roundings, which add up at random
+# to sqrt(50)·u ≈ 2.8e-2; 4e-2 gives 1.4x headroom (the Mamba-1 torch path under CPU autocast, 1K
+# tokens: 1.4e-2 vanilla, 2.1e-2 deci). A kernel 4% off fails it.
+LOGITS_BF16 = 4e-2
+# Gradients, per parameter tensor: the backward repeats the forward's roundings and adds about as
+# many of its own, sqrt(2) x the forward estimate ≈ 4e-2; 1e-1 also covers the deci model's kept-set
+# flips, each of which moves a whole token's contribution (CPU autocast, 1K tokens, worst tensor:
+# 2.8e-2 vanilla, 5.6e-2 deci).
+GRADS_BF16 = 1e-1
+
+
+def fwd_bwd(model, ids, backend, resp=8, autocast=False):
+    """(output, loss, {name: grad}) of one forward + backward on ``backend``, bf16 autocast if asked."""
+    model.set_backend(backend)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = model(ids, num_last_tokens=resp)
+    loss = F.cross_entropy(out.logits[0, :-1].float(), ids[0, -resp + 1:])
+    loss.backward()
+    return out, loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
 def over_budget(outputs: dict, ref, budget: float) -> dict:
     """{name: error} of the outputs (name -> tensor) farther than ``budget`` (relative norm error)
     from the fp32 reference ``ref``; empty when every one is within it."""

@@ -4,26 +4,14 @@ Skipped without CUDA; the kernel tests also need mamba-ssm and causal-conv1d. On
 the bf16 budget of the kernel test on the torch path under CPU autocast."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from models import DecimatingMambaModel, MambaConfig
 from tests.conftest import requires_cuda, requires_kernels
-from tests.helpers import BF16_UNIT_ROUNDOFF, over_budget, randomize, rel_err
+from tests.helpers import BF16_UNIT_ROUNDOFF, GRADS_BF16, LOGITS_BF16, fwd_bwd, over_budget, randomize, rel_err
 
 DECI = dict(activate=True, beta=0.5, L_base=1000, decimating_layers=[1, 2], min_seq_len=20)
 
-# bf16 budgets: relative norm error of a bf16-autocast path against the fp32 reference. Each bf16
-# rounding errs by <= u = 2^-8 ≈ 3.9e-3. On the way to the logits each of the 4 layers rounds ~12
-# tensors (inputs and weights of in_proj, x_proj, dt_proj, out_proj; the conv, scan and norm
-# outputs) and the head 2: ~50 roundings, which add up at random to sqrt(50)·u ≈ 2.8e-2; 4e-2 gives
-# 1.4x headroom over that estimate (the torch path under CPU autocast, 1K tokens: 1.4e-2 vanilla,
-# 2.1e-2 deci). A kernel 4% off fails it.
-LOGITS_BF16 = 4e-2
-# Gradients, per parameter tensor: the backward repeats the forward's roundings and adds about as
-# many of its own, sqrt(2) x the forward estimate ≈ 4e-2; 1e-1 also covers the deci model's kept-set
-# flips, each of which moves a whole token's contribution (CPU autocast, 1K tokens, worst tensor:
-# 2.8e-2 vanilla, 5.6e-2 deci).
-GRADS_BF16 = 1e-1
+# bf16 budgets LOGITS_BF16 / GRADS_BF16 and their reasons: tests/helpers.py
 
 
 def needs_cuda(test):
@@ -49,24 +37,13 @@ def _separate_scores(model):
             model.backbone.layers[i].mixer.dt_proj.weight.mul_(20)
 
 
-def _fwd_bwd(model, ids, backend, resp=8, autocast=False):
-    model.set_backend(backend)
-    model.zero_grad(set_to_none=True)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        out = model(ids, num_last_tokens=resp)
-    loss = F.cross_entropy(out.logits[0, :-1].float(), ids[0, -resp + 1:])
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    return out, loss.detach(), grads
-
-
 @needs_kernels
 @pytest.mark.parametrize("deci", [None, DECI], ids=["vanilla", "deci"])
 def test_kernel_equals_torch_fp32(deci):
     model = _model(deci=deci)
     ids = torch.randint(0, 1000, (1, 4096), device="cuda")
-    o_k, l_k, g_k = _fwd_bwd(model, ids, "kernel")
-    o_t, l_t, g_t = _fwd_bwd(model, ids, "torch")
+    o_k, l_k, g_k = fwd_bwd(model, ids, "kernel")
+    o_t, l_t, g_t = fwd_bwd(model, ids, "torch")
     for (i, a), (_, b) in zip(o_k.kept_indices, o_t.kept_indices):
         assert torch.equal(a, b), f"kept indices differ at layer {i}"
     # fp32 budget of mamba-ssm's own kernel tests (rtol 6e-4, atol 2e-3); gradients: relative
@@ -83,9 +60,9 @@ def test_kernel_equals_torch_bf16_autocast(deci):
     model = _model(deci=deci)
     _separate_scores(model)
     ids = torch.randint(0, 1000, (1, 4096), device="cuda")
-    o_ref, l_ref, g_ref = _fwd_bwd(model, ids, "torch")                  # fp32 reference
-    o_k, l_k, g_k = _fwd_bwd(model, ids, "kernel", autocast=True)
-    o_t, l_t, g_t = _fwd_bwd(model, ids, "torch", autocast=True)
+    o_ref, l_ref, g_ref = fwd_bwd(model, ids, "torch")                  # fp32 reference
+    o_k, l_k, g_k = fwd_bwd(model, ids, "kernel", autocast=True)
+    o_t, l_t, g_t = fwd_bwd(model, ids, "torch", autocast=True)
     for (_, a), (_, b) in zip(o_k.kept_indices, o_t.kept_indices):
         shared = len(set(a.tolist()) & set(b.tolist())) / len(b)
         assert shared >= 0.98, shared                                     # only boundary flips
@@ -121,8 +98,8 @@ def test_bf16_budget_passes_rounding_and_fails_a_few_percent_more():
 def test_long_sequences_kernel_equals_torch(length):
     model = _model(d_model=128, n_layer=2, deci={**DECI, "decimating_layers": [1], "L_base": 2000})
     ids = torch.randint(0, 1000, (1, length), device="cuda")
-    o_k, l_k, g_k = _fwd_bwd(model, ids, "kernel")
-    o_t, l_t, g_t = _fwd_bwd(model, ids, "torch")
+    o_k, l_k, g_k = fwd_bwd(model, ids, "kernel")
+    o_t, l_t, g_t = fwd_bwd(model, ids, "torch")
     assert torch.equal(o_k.kept_indices[0][1], o_t.kept_indices[0][1])
     assert o_k.kept_indices[0][1].max().item() == length - 1
     torch.testing.assert_close(o_k.logits, o_t.logits, rtol=6e-4, atol=2e-3)

@@ -9,12 +9,12 @@ the exact torch path by a few 1e-4 relative; the bounds below (relative norm 5e-
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 from models import DecimatingMambaModel, MambaConfig
 from models.streaming import streaming_prefill
 from modules.ssd import ssd_scan
 from tests.conftest import requires_kernels
+from tests.helpers import GRADS_BF16, LOGITS_BF16, fwd_bwd, over_budget, rel_err
 
 pytestmark = pytest.mark.gpu
 VALUES, GRADS = 5e-3, 1e-2          # TF32 budgets (module docstring)
@@ -35,20 +35,6 @@ def _model(d_model=256, n_layer=4, deci=None, dtype=torch.float32, **ssm):
         for layer in m.backbone.layers:
             layer.mixer.in_proj.weight[-layer.mixer.nheads:] *= 5
     return m.to("cuda", dtype)
-
-
-def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
-
-
-def _fwd_bwd(model, ids, backend, resp=8, autocast=False):
-    model.set_backend(backend)
-    model.zero_grad(set_to_none=True)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        out = model(ids, num_last_tokens=resp)
-    loss = F.cross_entropy(out.logits[0, :-1].float(), ids[0, -resp + 1:])
-    loss.backward()
-    return out, loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
 def _scan_inputs(length, nheads=8, headdim=64, ngroups=2, dstate=128, bsz=2):
@@ -72,9 +58,9 @@ def test_ssd_kernel_equals_torch_scan(with_h0):
         grads = torch.autograd.grad((y * w).sum() + last.sum(), [v for k, v in t.items() if with_h0 or k != "h0"])
         res[backend] = (y.detach(), last.detach(), grads)
     (yk, lk, gk), (yt, lt, gt) = res["kernel"], res["torch"]
-    assert _rel(yk, yt) < VALUES and _rel(lk, lt) < VALUES
+    assert rel_err(yk, yt) < VALUES and rel_err(lk, lt) < VALUES
     for name, a, b in zip(t, gk, gt):
-        assert _rel(a, b) < GRADS, name
+        assert rel_err(a, b) < GRADS, name
 
 
 @requires_kernels
@@ -82,13 +68,13 @@ def test_ssd_kernel_equals_torch_scan(with_h0):
 def test_model_kernel_equals_torch_fp32(deci):
     model = _model(deci=deci)
     ids = torch.randint(0, 1000, (1, 4096), device="cuda")
-    o_k, l_k, g_k = _fwd_bwd(model, ids, "kernel")
-    o_t, l_t, g_t = _fwd_bwd(model, ids, "torch")
+    o_k, l_k, g_k = fwd_bwd(model, ids, "kernel")
+    o_t, l_t, g_t = fwd_bwd(model, ids, "torch")
     for (i, a), (_, b) in zip(o_k.kept_indices, o_t.kept_indices):
         shared = len(set(a.tolist()) & set(b.tolist())) / len(b)
         assert shared >= 0.99, (i, shared)      # TF32 may flip a near-tie at the budget's edge
-    assert _rel(o_k.logits, o_t.logits) < VALUES and _rel(l_k, l_t) < VALUES
-    worst = max((_rel(g_k[n], g_t[n]), n) for n in g_t)
+    assert rel_err(o_k.logits, o_t.logits) < VALUES and rel_err(l_k, l_t) < VALUES
+    worst = max((rel_err(g_k[n], g_t[n]), n) for n in g_t)
     assert worst[0] < GRADS, worst
 
 
@@ -97,18 +83,17 @@ def test_model_kernel_equals_torch_fp32(deci):
 def test_model_kernel_equals_torch_bf16_autocast(deci):
     model = _model(deci=deci)
     ids = torch.randint(0, 1000, (1, 4096), device="cuda")
-    o_ref, _, g_ref = _fwd_bwd(model, ids, "torch")                      # fp32 reference
-    o_k, _, g_k = _fwd_bwd(model, ids, "kernel", autocast=True)
-    o_t, _, g_t = _fwd_bwd(model, ids, "torch", autocast=True)
+    o_ref, _, g_ref = fwd_bwd(model, ids, "torch")                      # fp32 reference
+    o_k, _, g_k = fwd_bwd(model, ids, "kernel", autocast=True)
+    o_t, _, g_t = fwd_bwd(model, ids, "torch", autocast=True)
     for (_, a), (_, b) in zip(o_k.kept_indices, o_t.kept_indices):
         assert len(set(a.tolist()) & set(b.tolist())) / len(b) >= 0.98   # only boundary flips
-    # bf16 moves each path away from fp32; the paths must agree with each other within twice the
-    # larger of the two bf16-vs-fp32 errors (as tests/test_gpu.py for Mamba-1)
-    noise = max(_rel(o_k.logits, o_ref.logits), _rel(o_t.logits, o_ref.logits))
-    assert _rel(o_k.logits, o_t.logits) <= 2 * noise + 1e-3, noise
+    # each bf16 path on its own against fp32, budgets of tests/helpers.py (same 4-layer depth; an
+    # estimate for Mamba-2, to be confirmed on the H200)
+    assert not over_budget({"kernel": o_k.logits, "torch": o_t.logits}, o_ref.logits, LOGITS_BF16)
     for n in g_ref:
-        g_noise = max(_rel(g_k[n], g_ref[n]), _rel(g_t[n], g_ref[n]))
-        assert _rel(g_k[n], g_t[n]) <= 2 * g_noise + 1e-3, n
+        bad = over_budget({"kernel": g_k[n], "torch": g_t[n]}, g_ref[n], GRADS_BF16)
+        assert not bad, (n, bad)
 
 
 @requires_kernels
@@ -116,12 +101,12 @@ def test_model_kernel_equals_torch_bf16_autocast(deci):
 def test_long_sequences_kernel_equals_torch(length):
     model = _model(d_model=128, n_layer=2, deci={**DECI, "decimating_layers": [1], "L_base": 2000})
     ids = torch.randint(0, 1000, (1, length), device="cuda")
-    o_k, l_k, g_k = _fwd_bwd(model, ids, "kernel")
-    o_t, l_t, g_t = _fwd_bwd(model, ids, "torch")
+    o_k, l_k, g_k = fwd_bwd(model, ids, "kernel")
+    o_t, l_t, g_t = fwd_bwd(model, ids, "torch")
     a, b = o_k.kept_indices[0][1], o_t.kept_indices[0][1]
     assert len(set(a.tolist()) & set(b.tolist())) / len(b) >= 0.99 and a.max().item() == length - 1
-    assert _rel(o_k.logits, o_t.logits) < VALUES
-    worst = max((_rel(g_k[n], g_t[n]), n) for n in g_t)
+    assert rel_err(o_k.logits, o_t.logits) < VALUES
+    worst = max((rel_err(g_k[n], g_t[n]), n) for n in g_t)
     assert worst[0] < GRADS, worst
 
 
@@ -137,7 +122,7 @@ def test_130m_width_at_1m_tokens_passes_int32_offsets_on_the_kernel():
         model.set_backend("torch")
         b = model(ids, num_last_tokens=16)
     assert torch.isfinite(a.logits).all()
-    assert _rel(a.logits, b.logits) < VALUES
+    assert rel_err(a.logits, b.logits) < VALUES
 
 
 @requires_kernels
@@ -147,7 +132,7 @@ def test_generation_and_streamed_prefill_kernel_equal_torch():
     model.set_backend("kernel")
     one = model(ids, num_last_tokens=1)
     streamed = streaming_prefill(model, ids, chunk_size=4096, num_last_tokens=1)     # kernel with initial states
-    assert _rel(streamed.logits, one.logits) < VALUES
+    assert rel_err(streamed.logits, one.logits) < VALUES
     seq_k = model.generate(ids, max_length=20_010, prefill_chunk_size=4096)
     model.set_backend("torch")
     seq_t = model.generate(ids, max_length=20_010)
