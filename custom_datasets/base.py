@@ -71,6 +71,15 @@ def length_label(n: int) -> str:
     return str(n)
 
 
+def length_curve_summary(records: list[dict], row_label: str) -> tuple[float, str]:
+    """(mean score over the window lengths, one-row table by length) of a perplexity-by-length task."""
+    records = sorted(records, key=lambda r: r["ctx_len"])
+    vals = [r["score"] for r in records if r["score"] == r["score"]]
+    table = pretty_table(["ctx len"] + [length_label(r["ctx_len"]) for r in records],
+                         [[row_label] + [f"{r['score']:.2f}" for r in records]])
+    return (sum(vals) / len(vals) if vals else float("nan")), table
+
+
 def pretty_table(header: list[str], rows: list[list]) -> str:
     """A plain 'pretty' table as the original prints (tabulate's 'pretty' look, no dependency)."""
     cols = [header] + [[str(c) for c in r] for r in rows]

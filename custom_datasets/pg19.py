@@ -17,11 +17,10 @@ import math
 import os
 import random
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from custom_datasets.base import Task, TrainChunk, length_label, pretty_table, sample_seed
+from custom_datasets.base import Task, TrainChunk, length_curve_summary, sample_seed
 
 EVAL_BATCH = 8
 
@@ -91,11 +90,7 @@ class PG19Task(Task):
         return {"score": ppl, "windows": len(wins), "scored_tokens": count, "mean_nll": nll / count if count else None}
 
     def summarize(self, records):
-        records = sorted(records, key=lambda r: r["ctx_len"])
-        vals = [r["score"] for r in records if r["score"] == r["score"]]
-        score = float(np.mean(vals)) if vals else float("nan")
-        table = pretty_table(["ctx len"] + [length_label(r["ctx_len"]) for r in records], [["score"] + [f"{r['score']:.2f}" for r in records]])
-        return score, table
+        return length_curve_summary(records, "score")
 
     def plot(self, records, path, train_len=None):
         from custom_datasets.plots import line_plot
