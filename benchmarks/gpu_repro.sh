@@ -4,12 +4,7 @@
 #                                                     the kernels at once; pretrain on the torch path meanwhile, then
 #                                                     on the kernels (SIGTERM -> checkpoint -> --resume) until END_S
 #   bash benchmarks/gpu_repro.sh more END_S          later calls: tokenize newly carried parts, resume pretraining
-#   bash benchmarks/gpu_repro.sh passkey END_S       the paper's passkey recipe from the latest pretrained weights:
-#                                                     Mean Distance -> first global layer G; fine-tune vanilla and
-#                                                     DeciMamba (decimation active at G, beta 0.5, L_base 2000) at 2K
-#                                                     at once; grids 1K..128K x 5 depths x 5 samples (+ vanilla with
-#                                                     decimation), then 256K..1M streamed while time is left
-#   (passkey needs nltk: carry .whl/ with nltk and its wheels; LAYER=12 overrides G)
+#   then benchmarks/gpu_passkey.sh (the passkey fine-tunes and grids from the weights this script brings back)
 # Every call brings back the latest pretrained weights (bf16, A_log/D fp32) in <= 15 MiB parts and a log archive.
 # Carried: .data/gutenberg/ (xz parts of ../shared/data/gutenberg), .device/ (kernel sources + build script),
 # and the code snapshot .snap/ (git archive of the commit that runs: the tree around it may hold unfinished edits).
@@ -73,27 +68,5 @@ case $STAGE in
     train
     while kill -0 $TRAIN 2>/dev/null && [ $(el) -lt $(( END - 40 )) ]; do sleep 5; done
     stop_train; ship ;;
-  passkey)
-    W=$(latest $RUN); LENS='[1000,2000,4000,8000,16000,32000,64000,128000]'
-    python3 tools/mean_distance.py --model "$W" --corpus $CORPUS --out "$L/mean_distance.json" > "$L/mean_distance.log" 2>&1
-    G=${LAYER:-$(sed -n 's/^first_global_layer=//p' "$L/mean_distance.log")}; G=${G:-12}
-    FT="--set load_cp=$W --set scratch_model_config=null --set output_dir=$RUNS --set niah_context_len_train_curriculum=null
-        --set niah_context_len_train=2000 --set lr=3e-4 --set warmup_steps=20 --set max_step=384 --set eval_steps=384
-        --set save_steps=128 --set decimating_layers=[$G] --set decimation_max_p_L_base=2000 --set decimation_beta=0.5
-        --set niah_context_lens_eval=[2000,8000] --set max_train_seconds=$(( END - 200 - $(el) ))"
-    for a in vanilla deci; do
-      python3 finetune_ssm.py --config configs/passkey_small_$a.json --run-name ft_$a $FT > "$L/ft_$a.log" 2>&1 & done
-    wait
-    EV="--set eval_mode=true --set output_dir=$RUNS --set niah_samples_per_cell=5 --set decimating_layers=[$G]"
-    python3 finetune_ssm.py --config configs/passkey_small_vanilla.json --run-name grid_vanilla $EV \
-      --set load_cp=$(latest $RUNS/ft_vanilla) --set scratch_model_config=null --set niah_context_lens_eval=$LENS > "$L/grid_vanilla.log" 2>&1 &
-    python3 finetune_ssm.py --config configs/passkey_small_deci.json --run-name grid_deci $EV \
-      --set load_cp=$(latest $RUNS/ft_deci) --set scratch_model_config=null --set niah_context_lens_eval=$LENS > "$L/grid_deci.log" 2>&1 &
-    python3 finetune_ssm.py --config configs/passkey_small_deci.json --run-name grid_vanilla_plus_deci $EV \
-      --set load_cp=$(latest $RUNS/ft_vanilla) --set scratch_model_config=null --set niah_context_lens_eval=$LENS > "$L/grid_vpd.log" 2>&1 &
-    wait
-    for r in ft_vanilla ft_deci grid_vanilla grid_deci grid_vanilla_plus_deci; do
-      cp $RUNS/$r/results.jsonl "$L/${r}_results.jsonl" 2>/dev/null; cp $RUNS/$r/train_log.jsonl "$L/${r}_train_log.jsonl" 2>/dev/null; done
-    tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs" ;;
 esac
 echo "done at $(el) s"

@@ -163,12 +163,12 @@ class NiahTask(Task):
         """Cells of one length have prompts of one length: the evaluator batches them together."""
         return cell["ctx_len"]
 
-    def run_cells(self, model, cells, device, max_batch_tokens: int = 1 << 21):
-        """All samples of cells of equal length in batches of <= max_batch_tokens prompt tokens
+    def run_cells(self, model, cells, device):
+        """All samples of cells of equal length in batches of <= eval_batch_tokens prompt tokens
         (per-row decimation makes a batched row equal to running it alone)."""
         built = [self.eval_prompts(c["depth"], c["ctx_len"]) for c in cells]
         flat = [p for prompts, _, _ in built for p in prompts]
-        per_batch = max(1, max_batch_tokens // len(flat[0]))
+        per_batch = max(1, self.cfg["eval_batch_tokens"] // len(flat[0]))
         responses = []
         for i in range(0, len(flat), per_batch):
             ids = torch.tensor(flat[i:i + per_batch], device=device)

@@ -224,9 +224,9 @@ def test_passkey_cells_of_one_length_batch_like_one_by_one(tok):
     torch.manual_seed(0)
     model = DecimatingMambaModel(MambaConfig(d_model=16, n_layer=2, vocab_size=50277, ssm_cfg={"d_state": 4}),
                                  decimation_config=dict(activate=True, decimating_layers=[1], L_base=200))
-    task = NiahTask(_niah_cfg(niah_samples_per_cell=2), tok, train=False)
+    task = NiahTask(_niah_cfg(niah_samples_per_cell=2, eval_batch_tokens=3 * 1026), tok, train=False)
     cells = [c for c in task.eval_cells() if c["ctx_len"] == 1000]
-    batched = task.run_cells(model, cells, "cpu", max_batch_tokens=3 * 1026)    # 6 prompts in batches of 3
+    batched = task.run_cells(model, cells, "cpu")    # 6 prompts in batches of 3
     single = [task.run_cell(model, c, "cpu") for c in cells]
     assert [r["responses"] for r in batched] == [r["responses"] for r in single]
     assert [r["needle_positions"] for r in batched] == [r["needle_positions"] for r in single]

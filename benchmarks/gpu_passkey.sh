@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The paper's passkey recipe on our pretrained LM (issue 13, items 2 and 4), in two consecutive calls on one warm H200:
+#   bash benchmarks/gpu_passkey.sh ft END_S     build the kernels and, meanwhile, fine-tune the pretrained LM at 2K on
+#                                               the torch path (vanilla; DeciMamba at layer 5, the Mean-Distance
+#                                               layer; DeciMamba at layer 12, the paper's), then resume on the kernels
+#   bash benchmarks/gpu_passkey.sh grids END_S  finish those; fine-tune vanilla / DeciMamba-12 at 512 tokens (item 4);
+#                                               grids 5 depths x 5 samples x 1K..128K (+ the vanilla fine-tune with
+#                                               decimation at 5 and 12), then 256K..1M streamed while time is left
+# Carried: artifacts/pretrained/ (the step-3,866 weights of gpu_repro.sh), .device/ (kernel sources + build script),
+# .whl/ (the nltk wheel: the passkey haystack splits sentences with it). Runs stay in /tmp/runs between the calls.
+set -u
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT/logs"; OUT=$(cd "$OUT" && pwd); L=$OUT/logs
+STAGE=$1; END=${2:-560}
+T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2 PYTHONPATH=/tmp/site:$PWD
+ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl
+ROOT=$PWD; RUNS=/tmp/runs; W0=/tmp/pretrained; mkdir -p $RUNS
+latest() { ls -d "$1"/epoch_*_step_* 2>/dev/null | awk -F_ '{print $NF, $0}' | sort -n | tail -1 | cut -d' ' -f2; }
+have_kernels() { python3 -c 'import torch, selective_scan_cuda, causal_conv1d_cuda' 2>/dev/null; }
+alive() { local p; for p in "$@"; do kill -0 $p 2>/dev/null && return 0; done; return 1; }
+wait_until() { local t=$1; shift; while alive "$@" && [ $(el) -lt $t ]; do sleep 5; done; }   # DEADLINE PID...
+
+ARMS2K="ft_vanilla:vanilla:12:2000 ft_deci5:deci:5:2000 ft_deci12:deci:12:2000"
+ARMS512="ft512_vanilla:vanilla:12:512 ft512_deci12:deci:12:512"
+FT=(--set load_cp=$W0 --set scratch_model_config=null --set output_dir=$RUNS --set niah_context_len_train_curriculum=null
+    --set lr=3e-4 --set warmup_steps=20 --set grad_accum_steps=16 --set train_micro_batch_size=16 --set max_step=768
+    --set epochs=2 --set eval_steps=768 --set save_steps=128 --set decimation_beta=0.5
+    --set 'niah_context_lens_eval=[2000,8000]')
+ft_all() {  # NAME:ARCH:LAYER:TRAIN_LEN ... in the background (pids FTP): resume a run that has a checkpoint, else start it
+  FTP=""; local a n arch layer len
+  for a in "$@"; do IFS=: read -r n arch layer len <<< "$a"
+    if [ -n "$(latest $RUNS/$n)" ]; then args=(--resume $RUNS/$n)
+    else rm -rf $RUNS/$n; args=(--config configs/passkey_small_$arch.json --run-name $n "${FT[@]}"
+      --set "decimating_layers=[$layer]" --set niah_context_len_train=$len --set decimation_max_p_L_base=$len); fi
+    echo "$(el) s: finetune_ssm.py ${args[*]}" >> "$L/commands.txt"
+    nice -n 10 python3 finetune_ssm.py "${args[@]}" >> "$L/$n.log" 2>&1 & FTP="$FTP $!"; done
+}
+ft_stop() { kill -TERM $FTP 2>/dev/null; wait $FTP; echo "fine-tunes stopped at $(el) s" >> "$L/commands.txt"; }
+GP=""
+grid() {  # NAME ARCH RUN LAYER L_BASE LENS [--set ...]: 5 depths x 5 samples per length, in the background (pids GP)
+  local n=$1 arch=$2 w layer=$4 lbase=$5 lens=$6; w=$(latest $RUNS/$3); shift 6
+  [ -n "$w" ] || { echo "$n: no checkpoint of $RUNS/$3" >> "$L/commands.txt"; return; }
+  args=(--config configs/passkey_small_$arch.json --run-name $n --set eval_mode=true --set output_dir=$RUNS
+        --set load_cp=$w --set scratch_model_config=null --set niah_samples_per_cell=5 --set "decimating_layers=[$layer]"
+        --set decimation_max_p_L_base=$lbase --set "niah_context_lens_eval=$lens" --set eval_batch_tokens=524288 "$@")
+  echo "$(el) s: finetune_ssm.py ${args[*]}" >> "$L/commands.txt"
+  python3 finetune_ssm.py "${args[@]}" > "$L/$n.log" 2>&1 & GP="$GP $!"
+}
+ship() {  # every run's train log and results, the logs, nvidia-smi
+  local r b
+  for r in $RUNS/*; do [ -d $r ] || continue; b=$(basename $r)
+    for f in results.jsonl train_log.jsonl; do [ -f $r/$f ] && cp $r/$f "$L/${b}_$f"; done; done
+  nvidia-smi > "$L/nvidia-smi.txt" 2>&1; tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
+}
+LENS='[1000,2000,4000,8000,16000,32000,64000,128000]'; LENS512='[512,1000,2000,4000,8000,16000,32000,64000,128000]'
+case $STAGE in
+  ft)
+    mkdir -p $W0 && cp "$ROOT"/artifacts/pretrained/* $W0/
+    (MAX_JOBS=14 bash .device/build_kernels.sh "$ROOT"/.device > "$L/build.log" 2>&1; echo "build ended at $(el) s" >> "$L/build.log") &
+    BUILD=$!
+    ft_all $ARMS2K
+    wait_until $(( END - 60 )) $BUILD
+    if have_kernels; then ft_stop; echo "resume on the kernels at $(el) s" >> "$L/commands.txt"; ft_all $ARMS2K; fi
+    wait_until $(( END - 40 )) $FTP; ft_stop; ship ;;
+  grids)
+    have_kernels || echo "no kernels on this machine: the torch path runs" >> "$L/commands.txt"
+    ft_all $ARMS2K $ARMS512; wait_until $(( END / 3 )) $FTP; ft_stop
+    grid g_vanilla vanilla ft_vanilla 12 2000 "$LENS"; grid g_deci5 deci ft_deci5 5 2000 "$LENS"
+    grid g_deci12 deci ft_deci12 12 2000 "$LENS"; grid g_vanilla_deci5 deci ft_vanilla 5 2000 "$LENS"
+    grid g_vanilla_deci12 deci ft_vanilla 12 2000 "$LENS"
+    grid g512_vanilla vanilla ft512_vanilla 12 512 "$LENS512"; grid g512_deci12 deci ft512_deci12 12 512 "$LENS512"
+    wait_until $(( END * 2 / 3 )) $GP; GP1=$GP; GP=""
+    S=(--set eval_prefill_chunk_size=65536)
+    grid g_vanilla_long vanilla ft_vanilla 12 2000 '[256000,512000,1000000]' "${S[@]}"
+    grid g_deci12_long deci ft_deci12 12 2000 '[256000,512000,1000000]' "${S[@]}"
+    grid g_deci5_long deci ft_deci5 5 2000 '[256000,512000,1000000]' "${S[@]}"
+    wait_until $(( END - 30 )) $GP1 $GP; kill -TERM $GP1 $GP 2>/dev/null; ship ;;
+  *) echo "usage: gpu_passkey.sh ft|grids END_SECONDS"; exit 2 ;;
+esac
+echo "done at $(el) s"
