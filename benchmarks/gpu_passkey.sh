@@ -8,6 +8,8 @@
 #                                               decimation at 5 and 12), then 256K..1M streamed while time is left
 # Carried: artifacts/pretrained/ (the step-3,866 weights of gpu_repro.sh), .device/ (kernel sources + build script),
 # .whl/ (the nltk wheel: the passkey haystack splits sentences with it). Runs stay in /tmp/runs between the calls.
+# The device copy's .git is stale: call with DECIMAMBA_COMMIT=$(git rev-parse --short HEAD) (typed here) so
+# every record names the code that ran.
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT/logs"; OUT=$(cd "$OUT" && pwd); L=$OUT/logs
 STAGE=$1; END=${2:-560}

@@ -8,6 +8,8 @@
 # Every call brings back the latest pretrained weights (bf16, A_log/D fp32) in <= 15 MiB parts and a log archive.
 # Carried: .data/gutenberg/ (xz parts of ../shared/data/gutenberg), .device/ (kernel sources + build script),
 # and the code snapshot .snap/ (git archive of the commit that runs: the tree around it may hold unfinished edits).
+# The device copy's .git is stale: call with DECIMAMBA_COMMIT=$(git rev-parse --short HEAD) (typed here) so
+# every record names the code that ran.
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT/logs"; OUT=$(cd "$OUT" && pwd); L=$OUT/logs
 STAGE=$1; END=${2:-560}

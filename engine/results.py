@@ -162,7 +162,11 @@ def state_digest(model) -> str:
 @functools.cache
 def code_commit() -> str:
     """``git rev-parse HEAD`` of this code, '-dirty' when the tree differs from it (tracked changes or
-    new files); 'unknown' without git or outside a checkout. Computed once per process."""
+    new files); 'unknown' without git or outside a checkout. Computed once per process. A copy whose
+    ``.git`` is not this code's (the GPU machine's) is named by its caller: DECIMAMBA_COMMIT=<rev>,
+    recorded as '<rev> (DECIMAMBA_COMMIT)'."""
+    if os.environ.get("DECIMAMBA_COMMIT"):
+        return f"{os.environ['DECIMAMBA_COMMIT']} (DECIMAMBA_COMMIT)"
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         head = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=20)

@@ -114,8 +114,14 @@ def test_state_digest_follows_the_parameters():
 
 
 def test_commit_without_git_is_unknown(monkeypatch):
+    monkeypatch.delenv("DECIMAMBA_COMMIT", raising=False)
     monkeypatch.setenv("PATH", "")
     assert results.code_commit.__wrapped__() == "unknown"
+
+
+def test_commit_named_by_the_caller_wins_over_a_stale_git(monkeypatch):
+    monkeypatch.setenv("DECIMAMBA_COMMIT", "d64dcc1")
+    assert results.code_commit.__wrapped__() == "d64dcc1 (DECIMAMBA_COMMIT)"
 
 
 # ---------------------------------------------------------------------------- item 3: no silent overwrite
