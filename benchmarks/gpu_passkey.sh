@@ -7,7 +7,8 @@
 #                                               grids 5 depths x 5 samples x 1K..128K (+ the vanilla fine-tune with
 #                                               decimation at 5 and 12), then 256K..1M streamed while time is left
 # Carried: artifacts/pretrained/ (the step-3,866 weights of gpu_repro.sh), .device/ (kernel sources + build script),
-# .whl/ (the nltk wheel: the passkey haystack splits sentences with it). Runs stay in /tmp/runs between the calls.
+# .whl/ (the nltk wheel: the passkey haystack splits sentences with it). Runs stay in /tmp/runs between the calls;
+# SHIP_WEIGHTS=<run> brings that run's latest weights back (bf16, A_log/D/dt_proj.bias fp32, 15 MiB parts).
 # The device copy's .git is stale: call with DECIMAMBA_COMMIT=$(git rev-parse --short HEAD) (typed here) so
 # every record names the code that ran.
 set -u
@@ -52,6 +53,9 @@ ship() {  # every run's train log and results, the logs, nvidia-smi
   local r b
   for r in $RUNS/*; do [ -d $r ] || continue; b=$(basename $r)
     for f in results.jsonl train_log.jsonl; do [ -f $r/$f ] && cp $r/$f "$L/${b}_$f"; done; done
+  if [ -n "${SHIP_WEIGHTS:-}" ] && [ -n "$(latest $RUNS/$SHIP_WEIGHTS)" ]; then   # one run's weights, bf16, <= 15 MiB parts
+    rm -rf /tmp/export; python3 tools/export_checkpoint.py "$(latest $RUNS/$SHIP_WEIGHTS)" /tmp/export >> "$L/commands.txt" 2>&1 &&
+      (cd /tmp/export && tar cf - . | split -b 15M - "$OUT/$SHIP_WEIGHTS.tar.part_"); fi
   nvidia-smi > "$L/nvidia-smi.txt" 2>&1; tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
 }
 LENS='[1000,2000,4000,8000,16000,32000,64000,128000]'; LENS512='[512,1000,2000,4000,8000,16000,32000,64000,128000]'
@@ -77,6 +81,7 @@ case $STAGE in
     grid g_deci12_long deci ft_deci12 12 2000 '[256000,512000,1000000]' "${S[@]}"
     grid g_deci5_long deci ft_deci5 5 2000 '[256000,512000,1000000]' "${S[@]}"
     wait_until $(( END - 30 )) $GP1 $GP; kill -TERM $GP1 $GP 2>/dev/null; ship ;;
-  *) echo "usage: gpu_passkey.sh ft|grids END_SECONDS"; exit 2 ;;
+  ship) ship ;;                     # SHIP_WEIGHTS=<run> bash benchmarks/gpu_passkey.sh ship: weights only
+  *) echo "usage: gpu_passkey.sh ft|grids|ship END_SECONDS"; exit 2 ;;
 esac
 echo "done at $(el) s"
