@@ -61,7 +61,7 @@ ship() {  # every run's train log and results, the logs, nvidia-smi
 LENS='[1000,2000,4000,8000,16000,32000,64000,128000]'; LENS512='[512,1000,2000,4000,8000,16000,32000,64000,128000]'
 case $STAGE in
   ft)
-    mkdir -p $W0 && cp "$ROOT"/artifacts/pretrained/* $W0/
+    mkdir -p $W0 && cp "${PRETRAINED:-$ROOT/artifacts/pretrained}"/* $W0/   # PRETRAINED=<dir>: weights already there
     (MAX_JOBS=14 bash .device/build_kernels.sh "$ROOT"/.device > "$L/build.log" 2>&1; echo "build ended at $(el) s" >> "$L/build.log") &
     BUILD=$!
     ft_all $ARMS2K

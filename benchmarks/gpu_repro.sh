@@ -5,6 +5,7 @@
 #                                                     on the kernels (SIGTERM -> checkpoint -> --resume) until END_S
 #   bash benchmarks/gpu_repro.sh more END_S          later calls: tokenize newly carried parts, resume pretraining
 #   then benchmarks/gpu_passkey.sh (the passkey fine-tunes and grids from the weights this script brings back)
+# PRETRAIN_SET='--set key=value ...' changes the pretraining config (a new run only), e.g. a larger d_state.
 # Every call brings back the latest pretrained weights (bf16, A_log/D fp32) in <= 15 MiB parts and a log archive.
 # Carried: .data/gutenberg/ (xz parts of ../shared/data/gutenberg), .device/ (kernel sources + build script),
 # and the code snapshot .snap/ (git archive of the commit that runs: the tree around it may hold unfinished edits).
@@ -36,7 +37,7 @@ train() {  # in the background (pid TRAIN): resume the run if it has a checkpoin
   else
     rm -rf $RUN
     python3 finetune_ssm.py --config configs/pretrain_gutenberg.json --run-name pretrain \
-      --set output_dir=$RUNS --set lm_corpus_dir=$CORPUS >> "$L/pretrain.log" 2>&1 &
+      --set output_dir=$RUNS --set lm_corpus_dir=$CORPUS ${PRETRAIN_SET:-} >> "$L/pretrain.log" 2>&1 &
   fi
   TRAIN=$!
 }
