@@ -32,7 +32,7 @@ from configs import schema
 from custom_datasets import get_task
 from custom_datasets.sources import load_tokenizer
 from engine import checkpoint as ckpt
-from engine.errors import read_json
+from engine.errors import cli_main, read_json
 from engine.evaluate import find_deci_layer, run_eval
 from engine.logger import RunLogger
 from engine.results import DIGEST_CACHE, weights_digest, write_json_atomic
@@ -362,19 +362,7 @@ def report(result, task, run_dir: str, rank: int) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return run(args)
-    except schema.ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (UsageError, OSError, ValueError, ImportError) as exc:
-        if os.environ.get("DECIMAMBA_DEBUG"):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    return cli_main(run, args, usage_errors=(schema.ConfigError,), errors=(UsageError, OSError, ValueError, ImportError))
 
 
 if __name__ == "__main__":

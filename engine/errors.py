@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import sys
 
 # Messages of library errors that wrap a failed write (safetensors and tokenizers print the
 # OS error text; torch.save's C++ writer only reports a short write as "unexpected pos A vs B").
@@ -83,3 +84,23 @@ def fsync_file(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def cli_main(fn, *args, usage_errors: tuple = (), errors: tuple = (OSError, ValueError, ImportError)) -> int:
+    """Run a command-line entry point ``fn(*args)``: an exception of ``usage_errors`` (bad settings)
+    ends as one 'error: ...' line and exit 2, one of ``errors`` (bad files, values, a missing
+    package) as one line and exit 1 (DECIMAMBA_DEBUG=1 raises it instead, with its traceback),
+    Ctrl-C as 'error: interrupted' and exit 130."""
+    try:
+        return fn(*args)
+    except usage_errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except errors as exc:
+        if os.environ.get("DECIMAMBA_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

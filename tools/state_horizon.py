@@ -49,7 +49,7 @@ sys.path.insert(0, REPO)
 from benchmarks.common import git_rev, machine  # noqa: E402
 from custom_datasets.lm_corpus import load_split  # noqa: E402  (as tools/mean_distance.py reads a corpus)
 from custom_datasets.sources import GPT_NEOX, load_tokenizer  # noqa: E402
-from engine.errors import BadFileError  # noqa: E402
+from engine.errors import BadFileError, cli_main  # noqa: E402
 from engine.results import weights_digest  # noqa: E402
 from models import MambaLMHeadModel  # noqa: E402  (as tools/mean_distance.py loads --model)
 
@@ -310,16 +310,7 @@ def run(args, argv) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    try:
-        return run(args, argv)
-    except (OSError, ValueError, ImportError) as exc:
-        if os.environ.get("DECIMAMBA_DEBUG"):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    return cli_main(run, args, argv)
 
 
 if __name__ == "__main__":
