@@ -105,7 +105,7 @@ def sweep_rows(args, rows, out):
     ref = kernels.selective_scan_fn(**dict(x, delta=x["delta"].contiguous(), B=x["B"].contiguous(),
                                            C=x["C"].contiguous()), delta_softplus=True)
     settings = [dict(), dict(poly_exp=(0, 0)), dict(poly_exp=(3, 2)), dict(maxnreg=None, programs_per_sm=3),
-                dict(programs_per_sm=8), dict(block_d=64)]
+                dict(programs_per_sm=8), dict(block_d=128)]
     for kw in settings:
         if time.time() > args.deadline:
             break

@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
-# The paper's passkey recipe on our pretrained LM (issue 13, items 2 and 4), in two consecutive calls on one warm H200:
+# The paper's passkey recipe on our pretrained LM (issue 13, items 2 and 4), in consecutive calls on one warm H200:
 #   bash benchmarks/gpu_passkey.sh ft END_S     build the kernels and, meanwhile, fine-tune the pretrained LM at 2K on
 #                                               the torch path (vanilla; DeciMamba at layer 5, the Mean-Distance
 #                                               layer; DeciMamba at layer 12, the paper's), then resume on the kernels
-#   bash benchmarks/gpu_passkey.sh grids END_S  finish those; fine-tune vanilla / DeciMamba-12 at 512 tokens (item 4);
-#                                               grids 5 depths x 5 samples x 1K..128K (+ the vanilla fine-tune with
-#                                               decimation at 5 and 12), then 256K..1M streamed while time is left
-# Carried: artifacts/pretrained/ (the step-3,866 weights of gpu_repro.sh), .device/ (kernel sources + build script),
-# .whl/ (the nltk wheel: the passkey haystack splits sentences with it). Runs stay in /tmp/runs between the calls;
-# SHIP_WEIGHTS=<run> brings that run's latest weights back (bf16, A_log/D/dt_proj.bias fp32, 15 MiB parts).
-# The device copy's .git is stale: call with DECIMAMBA_COMMIT=$(git rev-parse --short HEAD) (typed here) so
-# every record names the code that ran.
+#   bash benchmarks/gpu_passkey.sh grids END_S  (same machine) finish those; fine-tune vanilla / DeciMamba-12 at 512
+#                                               tokens (item 4); grids 5 depths x 5 samples x 1K..128K (+ the vanilla
+#                                               fine-tune with decimation at 5 and 12), then 256K..1M streamed
+#   SHIP_WEIGHTS=RUN bash benchmarks/gpu_passkey.sh ship   (same machine) RUN's latest weights only
+# END_S: seconds from the start at which the stage stops its runs and packs up (keep it under the call's limit).
+# Carried: artifacts/pretrained/ (the step-3,866 weights of gpu_repro.sh; or PRETRAINED=DIR, or PRETRAINED=pretrain
+# for the latest checkpoint of gpu_repro.sh's run on the same machine), .device/ (kernel sources + build script),
+# .whl/ (the nltk wheel; the passkey haystack splits sentences with it; regex, click, joblib and tqdm are on the
+# machine). Runs stay in /tmp/runs between the calls. Back in $OUT: logs.tgz (every run's log, results and train log,
+# commands.txt) and, with SHIP_WEIGHTS=RUN, RUN.tar.part_* (bf16, A_log/D/dt_proj.bias fp32, 15 MiB parts).
+# The device copy's .git is stale: call with DECIMAMBA_COMMIT=<the commit, typed here> so every record names the
+# code that ran (commit first: the working tree runs as it is).
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT/logs"; OUT=$(cd "$OUT" && pwd); L=$OUT/logs
-STAGE=$1; END=${2:-560}
+STAGE=${1:-}; END=${2:-560}
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2 PYTHONPATH=/tmp/site:$PWD
+[ -n "${DECIMAMBA_COMMIT:-}" ] || echo "warning: DECIMAMBA_COMMIT is not set: records will name the copy's stale .git" | tee -a "$L/commands.txt"
 ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl
+python3 -c 'import nltk' 2>/dev/null || { echo "no nltk on this machine: carry .whl/ with its wheel (README of this script)"; exit 1; }
 ROOT=$PWD; RUNS=/tmp/runs; W0=/tmp/pretrained; mkdir -p $RUNS
 latest() { ls -d "$1"/epoch_*_step_* 2>/dev/null | awk -F_ '{print $NF, $0}' | sort -n | tail -1 | cut -d' ' -f2; }
 have_kernels() { python3 -c 'import torch, selective_scan_cuda, causal_conv1d_cuda' 2>/dev/null; }
@@ -38,7 +44,10 @@ ft_all() {  # NAME:ARCH:LAYER:TRAIN_LEN ... in the background (pids FTP): resume
     echo "$(el) s: finetune_ssm.py ${args[*]}" >> "$L/commands.txt"
     nice -n 10 python3 finetune_ssm.py "${args[@]}" >> "$L/$n.log" 2>&1 & FTP="$FTP $!"; done
 }
-ft_stop() { kill -TERM $FTP 2>/dev/null; wait $FTP; echo "fine-tunes stopped at $(el) s" >> "$L/commands.txt"; }
+stop_all() {  # PID...: SIGTERM (a trainer saves its checkpoint), 60 s to finish, then SIGKILL
+  local t=$(( $(el) + 60 )); kill -TERM "$@" 2>/dev/null; wait_until $t "$@"; kill -KILL "$@" 2>/dev/null; wait "$@" 2>/dev/null
+}
+ft_stop() { stop_all $FTP; echo "fine-tunes stopped at $(el) s" >> "$L/commands.txt"; }
 GP=""
 grid() {  # NAME ARCH RUN LAYER L_BASE LENS [--set ...]: 5 depths x 5 samples per length, in the background (pids GP)
   local n=$1 arch=$2 w layer=$4 lbase=$5 lens=$6; w=$(latest $RUNS/$3); shift 6
@@ -61,15 +70,19 @@ ship() {  # every run's train log and results, the logs, nvidia-smi
 LENS='[1000,2000,4000,8000,16000,32000,64000,128000]'; LENS512='[512,1000,2000,4000,8000,16000,32000,64000,128000]'
 case $STAGE in
   ft)
-    mkdir -p $W0 && cp "${PRETRAINED:-$ROOT/artifacts/pretrained}"/* $W0/   # PRETRAINED=<dir>: weights already there
-    (MAX_JOBS=14 bash .device/build_kernels.sh "$ROOT"/.device > "$L/build.log" 2>&1; echo "build ended at $(el) s" >> "$L/build.log") &
+    P=${PRETRAINED:-$ROOT/artifacts/pretrained}; [ "$P" = pretrain ] && P=$(latest $RUNS/pretrain)
+    [ -f "$P/model.safetensors" ] || { echo "no pretrained weights at '$P'"; exit 1; }
+    rm -rf $W0; mkdir -p $W0 && cp "$P"/config.json "$P"/model.safetensors $W0/
+    (MAX_JOBS=14 bash .device/build_kernels.sh "$ROOT"/.device > "$L/build.log" 2>&1; echo "build ended at $(el) s" >> "$L/build.log") >/dev/null 2>&1 &
     BUILD=$!
     ft_all $ARMS2K
     wait_until $(( END - 60 )) $BUILD
-    if have_kernels; then ft_stop; echo "resume on the kernels at $(el) s" >> "$L/commands.txt"; ft_all $ARMS2K; fi
-    wait_until $(( END - 40 )) $FTP; ft_stop; ship ;;
+    if have_kernels; then ft_stop; echo "resume on the kernels at $(el) s" >> "$L/commands.txt"; ft_all $ARMS2K
+    else echo "the kernels did not build by $(el) s (build.log): the next call must build them again" >> "$L/commands.txt"; fi
+    wait_until $(( END - 40 )) $FTP; ft_stop; pkill -P $BUILD 2>/dev/null; kill $BUILD 2>/dev/null; ship ;;
   grids)
-    have_kernels || echo "no kernels on this machine: the torch path runs" >> "$L/commands.txt"
+    [ -f $W0/model.safetensors ] && [ -n "$(latest $RUNS/ft_vanilla)" ] || { echo "grids runs on the ft call's machine (no $RUNS/ft_vanilla checkpoint here)"; exit 1; }
+    have_kernels || echo "no kernels on this machine: the torch path runs (128K and longer will not finish)" >> "$L/commands.txt"
     ft_all $ARMS2K $ARMS512; wait_until $(( END / 3 )) $FTP; ft_stop
     grid g_vanilla vanilla ft_vanilla 12 2000 "$LENS"; grid g_deci5 deci ft_deci5 5 2000 "$LENS"
     grid g_deci12 deci ft_deci12 12 2000 "$LENS"; grid g_vanilla_deci5 deci ft_vanilla 5 2000 "$LENS"
@@ -80,7 +93,7 @@ case $STAGE in
     grid g_vanilla_long vanilla ft_vanilla 12 2000 '[256000,512000,1000000]' "${S[@]}"
     grid g_deci12_long deci ft_deci12 12 2000 '[256000,512000,1000000]' "${S[@]}"
     grid g_deci5_long deci ft_deci5 5 2000 '[256000,512000,1000000]' "${S[@]}"
-    wait_until $(( END - 30 )) $GP1 $GP; kill -TERM $GP1 $GP 2>/dev/null; ship ;;
+    wait_until $(( END - 30 )) $GP1 $GP; stop_all $GP1 $GP; ship ;;
   ship) ship ;;                     # SHIP_WEIGHTS=<run> bash benchmarks/gpu_passkey.sh ship: weights only
   *) echo "usage: gpu_passkey.sh ft|grids|ship END_SECONDS"; exit 2 ;;
 esac

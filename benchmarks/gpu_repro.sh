@@ -18,6 +18,7 @@ T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true
 export PYTHONPATH=/tmp/site:$PWD/.snap
 ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl
+read -ra EXTRA <<< "${PRETRAIN_SET:-}"   # words of PRETRAIN_SET, not glob-expanded
 ROOT=$PWD; CORPUS=/tmp/lm_corpus; RUNS=/tmp/runs; RUN=$RUNS/pretrain; mkdir -p $CORPUS $RUNS
 cd .snap; ln -sfn "$ROOT/data" data
 latest() { ls -d "$1"/epoch_*_step_* 2>/dev/null | awk -F_ '{print $NF, $0}' | sort -n | tail -1 | cut -d' ' -f2; }
@@ -37,7 +38,7 @@ train() {  # in the background (pid TRAIN): resume the run if it has a checkpoin
   else
     rm -rf $RUN
     python3 finetune_ssm.py --config configs/pretrain_gutenberg.json --run-name pretrain \
-      --set output_dir=$RUNS --set lm_corpus_dir=$CORPUS ${PRETRAIN_SET:-} >> "$L/pretrain.log" 2>&1 &
+      --set output_dir=$RUNS --set lm_corpus_dir=$CORPUS "${EXTRA[@]}" >> "$L/pretrain.log" 2>&1 &
   fi
   TRAIN=$!
 }
@@ -54,7 +55,7 @@ sd = load_file(sys.argv[1]); save_file({k: v if k.endswith(keep) else v.to(torch
   fi
   cp $RUN/train_log.jsonl $RUN/results.jsonl $RUN/config.json "$L/" 2>/dev/null
   nvidia-smi > "$L/nvidia-smi.txt" 2>&1; ls -la $CORPUS > "$L/corpus.txt"; cat $CORPUS/*.json | head -c 2000 >> "$L/corpus.txt"
-  tar czf "$OUT/logs.tgz" -C "$ROOT/$OUT" logs && rm -rf "$OUT/logs"
+  tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
 }
 case $STAGE in
   pretrain)

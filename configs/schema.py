@@ -126,7 +126,7 @@ KEYS: list[Key] = [
     K("scratch_model_config", "dict?", None, "MambaConfig fields: train a randomly initialised model instead of loading weights", original=False),
     K("backend", "str", "auto", "scan path: 'auto', 'torch' or 'kernel'", lambda v: v in ("auto", "torch", "kernel"), "one of ['auto', 'torch', 'kernel']", original=False),
     K("eval_prefill_chunk_size", "int?", None, "generation tasks: stream each prompt through prefill in chunks of this many tokens (flat memory, e.g. 32768 for 10M-token prompts; same answers as one shot up to fp rounding); null: one shot", _pos, "> 0", original=False),
-    K("eval_batch_tokens", "int", 1 << 21, "generation tasks: at most this many prompt tokens in one batched prefill (lower it to run several evaluations on one GPU; rows are independent, so scores change only by rounding)", _pos, "> 0", original=False),
+    K("eval_batch_tokens", "int", 1 << 21, "the passkey task: at most this many prompt tokens in one batched prefill (lower it to run several evaluations on one GPU; rows are independent, so scores change only by rounding)", _pos, "> 0", original=False),
     K("train_micro_batch_size", "int", 8, "samples of equal length run in one forward during accumulation", _pos, "> 0", original=False),
     K("max_train_seconds", "float?", None, "stop training after this wall time, saving a checkpoint (null: no limit)", _pos, "> 0", original=False),
     K("warmup_steps", "int", 0, "linear LR warmup steps", _nonneg, ">= 0", original=False),

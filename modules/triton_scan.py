@@ -30,13 +30,14 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-# Defaults, chosen from the compiled code (instruction and register counts for sm_90);
-# benchmarks/bench_scan.py measures alternatives on the H200 (each one line to change):
+# Defaults: BLOCK_D measured on the H200, the others chosen from the compiled code (instruction and
+# register counts for sm_90); benchmarks/bench_scan.py and bench_scan_blocks.py measure alternatives:
 BLOCK_D = 64           # channels per program = 32 · num_warps (one channel per thread); 64, not 128: 1.47x
                        # faster at 128K in the model's strides on the H200 (scan_h200.md sweep; scan_blocks_h200.md)
 TILE_BYTES = 16        # a tile row is one 16-byte vector: 8 tokens of bf16, 4 of fp32
 MAXNREG = 128          # registers per thread of pass 3 (~150 unbounded): 4 programs per SM, not 3
-PROGRAMS_PER_SM = 4    # resident programs of 4 warps per SM (65536 registers / (128 threads · 128))
+PROGRAMS_PER_SM = 4    # resident programs of 4 warps per SM (65536 registers / (128 threads · 128)); _slots
+                       # counts programs of fewer warps (BLOCK_D 64: 2) as that many more
 POLY_EXP = (2, 1)      # states whose exp runs on the FMA units in pass 1 and pass 3 (balances the
                        # special-function units against instruction issue: 128 and 152 cycles a step
                        # per warp instead of 144 and 160, from the compiled code)

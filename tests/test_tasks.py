@@ -226,7 +226,11 @@ def test_passkey_cells_of_one_length_batch_like_one_by_one(tok):
                                  decimation_config=dict(activate=True, decimating_layers=[1], L_base=200))
     task = NiahTask(_niah_cfg(niah_samples_per_cell=2, eval_batch_tokens=3 * 1026), tok, train=False)
     cells = [c for c in task.eval_cells() if c["ctx_len"] == 1000]
-    batched = task.run_cells(model, cells, "cpu")    # 6 prompts in batches of 3
+    sizes, generate = [], model.generate
+    model.generate = lambda ids, **kw: sizes.append(ids.shape[0]) or generate(ids, **kw)
+    batched = task.run_cells(model, cells, "cpu")
+    del model.generate
+    assert sizes == [3, 3]                           # 6 prompts of 1,026 tokens, at most 3 * 1,026 per batch
     single = [task.run_cell(model, c, "cpu") for c in cells]
     assert [r["responses"] for r in batched] == [r["responses"] for r in single]
     assert [r["needle_positions"] for r in batched] == [r["needle_positions"] for r in single]

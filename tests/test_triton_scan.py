@@ -138,12 +138,15 @@ def test_plan_chunk_makes_whole_waves():
     from modules.triton_scan import MAX_CHUNK, plan_chunk
 
     assert plan_chunk(rows=600, length=5000, tile_u=8, slots=528) >= 5000    # rows fill the GPU: one pass
-    for length in (16384, 131072, 1 << 20, 1000, 12345):
-        chunk = plan_chunk(rows=12, length=length, tile_u=8, slots=528)      # batch 1, d 1536, 128 channels a block
-        n_chunks = -(-length // chunk)
-        assert chunk % 16 == 0 and chunk <= max(MAX_CHUNK, 64), (length, chunk)
-        waves = n_chunks * 12 / 528          # rounding chunks up to 16 tokens may drop a chunk of a wave
-        assert round(waves) >= 1 and abs(waves - round(waves)) < 0.05 or chunk == 64, (length, chunk, waves)
+    # batch 1, d 1536, on 132 SMs: 128 channels a block (12 rows, 4-warp programs: 528 slots) and the
+    # default 64 (24 rows, 2-warp programs: 1056 slots)
+    for rows, slots in ((12, 528), (24, 1056)):
+        for length in (16384, 131072, 1 << 20, 1000, 12345):
+            chunk = plan_chunk(rows=rows, length=length, tile_u=8, slots=slots)
+            n_chunks = -(-length // chunk)
+            assert chunk % 16 == 0 and chunk <= max(MAX_CHUNK, 64), (length, chunk)
+            waves = n_chunks * rows / slots      # rounding chunks up to 16 tokens may drop a chunk of a wave
+            assert round(waves) >= 1 and abs(waves - round(waves)) < 0.05 or chunk == 64, (rows, length, chunk, waves)
 
 
 def test_scan_impl_choice(monkeypatch):
