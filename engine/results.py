@@ -85,9 +85,11 @@ def write_json_atomic(path: str, obj) -> None:
 # ---------------------------------------------------------------------------- provenance
 def file_digest(path: str, cache_path: str | None = None) -> str:
     """sha256 of a file's bytes, remembered by (real path, size, mtime) in memory and in ``cache_path``
-    (JSON), so a 1 GB checkpoint is hashed once; any rewrite of the file changes size or mtime."""
+    (JSON), so a 1 GB checkpoint is hashed once; any rewrite of the file changes size or mtime. The
+    path enters the key as its own hash: the cache, in a run folder people share, names no machine path."""
     st = os.stat(path)
-    key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    where = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:16]
+    key = f"{where}|{st.st_size}|{st.st_mtime_ns}"
     if key in _MEMO:
         return _MEMO[key]
     cache = _read_cache(cache_path)

@@ -89,7 +89,11 @@ def config_from_hf(cfg: dict, where: str) -> MambaConfig:
     if falcon:
         ssm["b_c_dt_rms"] = True
         ssm.update({ours: get(hf) for hf, ours in FALCON_FIELDS.items()})
-    top = {ours: get(hf) for hf, ours in FIELDS.items()}
+    return build_config(where, {ours: get(hf) for hf, ours in FIELDS.items()}, ssm)
+
+
+def build_config(where: str, top: dict, ssm: dict) -> MambaConfig:
+    """Our MambaConfig from a transformers config's mapped fields; its refusals name ``where``."""
     try:
         # transformers' vocab_size is the embedding's row count: no further padding
         return MambaConfig(**top, ssm_cfg=ssm, rms_norm=True, pad_vocab_size_multiple=1)

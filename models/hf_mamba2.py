@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from models.config import MambaConfig
-from models.hf_format import CheckpointFormatError
+from models.hf_format import CheckpointFormatError, build_config
 from modules.mamba2_mixer import NORM_EPS
 
 MODEL_TYPE, ARCHITECTURE = "mamba2", "Mamba2ForCausalLM"
@@ -57,12 +57,7 @@ def config_from_hf_mamba2(cfg: dict, where: str) -> MambaConfig:
                                     f"are supported with {NORM_EPS} (mamba-ssm's gated-norm eps)")
     ssm = {"layer": "Mamba2", **{ours: get(hf) for hf, ours in SSM_FIELDS.items()}}
     ssm["dt_limit"] = [_json_float(v) for v in ssm["dt_limit"]]
-    top = {ours: get(hf) for hf, ours in FIELDS.items()}
-    try:
-        # transformers' vocab_size is the embedding's row count: no further padding
-        return MambaConfig(**top, ssm_cfg=ssm, rms_norm=True, pad_vocab_size_multiple=1)
-    except (ValueError, TypeError) as exc:
-        raise CheckpointFormatError(f"{where}: {exc}") from None
+    return build_config(where, {ours: get(hf) for hf, ours in FIELDS.items()}, ssm)
 
 
 def config_to_hf_mamba2(config: MambaConfig, dtype_name: str, base: dict | None = None) -> dict:

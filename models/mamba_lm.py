@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from models import hf_format
 from models.config import MambaConfig
@@ -55,6 +56,17 @@ class LayerCache:
     def __init__(self):
         self.conv_state = None
         self.ssm_state = None
+
+    def extend_conv_input(self, x: torch.Tensor, d_conv: int) -> tuple[torch.Tensor, int]:
+        """A prefill chunk's conv input x (b, c, l) -> (x with the last d_conv - 1 inputs of the
+        previous chunk prepended, how many were prepended); keeps the last d_conv raw inputs of
+        the result (zero-padded left) as the new conv_state."""
+        prev = 0
+        if self.conv_state is not None:
+            prev = d_conv - 1
+            x = torch.cat([self.conv_state[:, :, 1:].to(x.dtype), x], dim=2)
+        self.conv_state = F.pad(x, (d_conv - x.shape[2], 0)).detach().clone()
+        return x, prev
 
 
 class MixerModel(nn.Module):

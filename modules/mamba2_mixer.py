@@ -150,12 +150,7 @@ class Mamba2Mixer(nn.Module):
         bsz, length, _ = hidden.shape
         z, xBC, dt = torch.split(self.in_proj(hidden), [self.d_inner, self.conv_dim, self.nheads], dim=-1)  # 1
         xBC = xBC.transpose(1, 2)                                                           # (b, e + 2gn, l)
-        prev = 0
-        if cache is not None and cache.conv_state is not None:  # continue: prepend the last d_conv - 1 inputs
-            prev = self.d_conv - 1
-            xBC = torch.cat([cache.conv_state[:, :, 1:].to(xBC.dtype), xBC], dim=2)
-        if cache is not None:                                  # last d_conv raw inputs, zero-padded left
-            cache.conv_state = F.pad(xBC, (self.d_conv - xBC.shape[2], 0)).detach().clone()
+        xBC, prev = cache.extend_conv_input(xBC, self.d_conv) if cache is not None else (xBC, 0)
         if kernels.use_ssd_kernels(self.backend, hidden):                                   # 2
             if max_offset(xBC) > INT32_MAX:      # a view into in_proj's rows; causal-conv1d offsets are uint32
                 xBC = xBC.contiguous()

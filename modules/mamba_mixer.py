@@ -121,12 +121,7 @@ class MambaMixer(nn.Module):
         bias, B and C (b, n, l), gate z (b, e, l). Updates cache.conv_state if a cache is given."""
         length = hidden.shape[1]
         x, z = self._in_proj(hidden).chunk(2, dim=1)                                        # (b, e, l) each
-        prev = 0
-        if cache is not None and cache.conv_state is not None:  # continue: prepend the last d_conv - 1 inputs
-            prev = self.d_conv - 1
-            x = torch.cat([cache.conv_state[:, :, 1:].to(x.dtype), x], dim=2)
-        if cache is not None:                                  # last d_conv raw inputs, zero-padded left
-            cache.conv_state = F.pad(x, (self.d_conv - x.shape[2], 0)).detach().clone()
+        x, prev = cache.extend_conv_input(x, self.d_conv) if cache is not None else (x, 0)
         if kernels.use_kernels(self.backend, hidden):                                       # 2: (b, e, l)
             x = kernels.causal_conv1d_fn(x.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                          activation="silu")[..., prev:]

@@ -26,6 +26,8 @@ def randomize(model, seed=0):
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
             elif name.endswith("dt_proj.bias"):
                 p.copy_(torch.randn(p.shape, generator=g) - 2)
+            elif name.endswith("dt_bias"):                      # Mamba-2's Δ bias, one per head
+                p.copy_(torch.randn(p.shape, generator=g) - 1)
             else:
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
     return model

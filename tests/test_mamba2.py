@@ -15,6 +15,7 @@ from models.hf_mamba2 import config_from_hf_mamba2, config_to_hf_mamba2
 from models.streaming import streaming_prefill
 from modules.mamba2_mixer import Mamba2Mixer
 from modules.ssd import ssd_scan_ref, ssd_step
+from tests.helpers import make_pair, randomize
 
 # fp64 scan vs fp64 loop: only round-off of a few thousand fused multiply-adds separates them
 FP64 = dict(rtol=1e-10, atol=1e-10)
@@ -93,28 +94,8 @@ def tiny2(n_layer=4, **ssm):
     return MambaConfig(d_model=32, n_layer=n_layer, vocab_size=VOCAB, ssm_cfg=ssm, pad_vocab_size_multiple=8)
 
 
-def randomize(model, seed=0):
-    """Non-trivial parameters everywhere (fresh models have D = 1, unit norms, zero biases)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("A_log"):
-                p.copy_(torch.log(torch.rand(p.shape, generator=gen) * 4 + 0.5))
-            elif name.endswith("dt_bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) - 1)
-            elif name.endswith("norm.weight") or name.endswith("norm_f.weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
-            else:
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return model
-
-
 def pair(deci=None, cfg=None, seed=0):
-    cfg = cfg or tiny2()
-    vanilla = randomize(MambaLMHeadModel(cfg), seed)
-    model = DecimatingMambaModel(cfg, decimation_config=deci)
-    model.load_state_dict(vanilla.state_dict())
-    return vanilla, model
+    return make_pair(cfg or tiny2(), deci, seed)
 
 
 def load_hf_dir(cls, path, **kw):
