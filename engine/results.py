@@ -18,7 +18,7 @@ import os
 import subprocess
 
 IDENTITY = ("task", "task_version", "checkpoint", "weights", "config_hash", "backend", "dtype", "device", "step")
-DIGEST_CACHE = ".weight_digests.json"      # in output_dir: file digests keyed by path, size and mtime
+DIGEST_CACHE = ".weight_digests.json"      # in output_dir: file digests keyed by path hash, size and mtime
 _HASH_BLOCK = 1 << 23
 
 
