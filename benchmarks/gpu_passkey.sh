@@ -7,6 +7,11 @@
 #                                               tokens (item 4); grids 5 depths x 5 samples x 1K..128K (+ the vanilla
 #                                               fine-tune with decimation at 5 and 12), then 256K..1M streamed
 #   SHIP_WEIGHTS=RUN bash benchmarks/gpu_passkey.sh ship   (same machine) RUN's latest weights only
+#   PRETRAINED=NAME bash benchmarks/gpu_passkey.sh short END_S   one call for a model pretrained at a short context
+#                                               (gpu_repro.sh PRETRAIN_NAME=NAME, same machine; item 4): fine-tune at
+#                                               FT_LEN tokens (default 512) vanilla, DeciMamba at 12 and at the run's
+#                                               Mean-Distance layer (NAME_mean_distance.json), grids 512 ... 128K and
+#                                               256K ... 1M, and the pretrained model's perplexity by length
 # END_S: seconds from the start at which the stage stops its runs and packs up (keep it under the call's limit).
 # Carried: artifacts/pretrained/ (the step-3,866 weights of gpu_repro.sh; or PRETRAINED=DIR, or PRETRAINED=pretrain
 # for the latest checkpoint of gpu_repro.sh's run on the same machine), .device/ (kernel sources + build script),
@@ -67,12 +72,23 @@ ship() {  # every run's train log and results, the logs, nvidia-smi
       (cd /tmp/export && tar cf - . | split -b 15M - "$OUT/$SHIP_WEIGHTS.tar.part_"); fi
   nvidia-smi > "$L/nvidia-smi.txt" 2>&1; tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
 }
+take_pretrained() {  # PRETRAINED: a folder, a run name in $RUNS (its latest checkpoint), or artifacts/pretrained
+  P=${PRETRAINED:-$ROOT/artifacts/pretrained}; [ -d "$RUNS/$P" ] && P=$(latest "$RUNS/$P")
+  [ -f "$P/model.safetensors" ] || { echo "no pretrained weights at '$P'"; exit 1; }
+  rm -rf $W0; mkdir -p $W0 && cp "$P"/config.json "$P"/model.safetensors $W0/ && echo "pretrained: $P" >> "$L/commands.txt"
+}
+ppl_by_length() {  # NAME ARCH_ARGS...: perplexity of $W0 on the validation books (5 windows per book), background (GP)
+  local n=$1; shift
+  args=(--config configs/pretrain_gutenberg.json --run-name $n --set eval_mode=true --set dataset=ppl_test
+        --set output_dir=$RUNS --set load_cp=$W0 --set scratch_model_config=null --set pg19_dir=/tmp/lm_corpus/pg19_validation
+        --set ppl_test_num_windows_per_context_len_eval=5 --set "ppl_test_context_lens_eval=$LENS512" "$@")
+  echo "$(el) s: finetune_ssm.py ${args[*]}" >> "$L/commands.txt"
+  python3 finetune_ssm.py "${args[@]}" > "$L/$n.log" 2>&1 & GP="$GP $!"
+}
 LENS='[1000,2000,4000,8000,16000,32000,64000,128000]'; LENS512='[512,1000,2000,4000,8000,16000,32000,64000,128000]'
 case $STAGE in
   ft)
-    P=${PRETRAINED:-$ROOT/artifacts/pretrained}; [ "$P" = pretrain ] && P=$(latest $RUNS/pretrain)
-    [ -f "$P/model.safetensors" ] || { echo "no pretrained weights at '$P'"; exit 1; }
-    rm -rf $W0; mkdir -p $W0 && cp "$P"/config.json "$P"/model.safetensors $W0/
+    take_pretrained
     (MAX_JOBS=14 bash .device/build_kernels.sh "$ROOT"/.device > "$L/build.log" 2>&1; echo "build ended at $(el) s" >> "$L/build.log") >/dev/null 2>&1 &
     BUILD=$!
     ft_all $ARMS2K
@@ -94,7 +110,23 @@ case $STAGE in
     grid g_deci12_long deci ft_deci12 12 2000 '[256000,512000,1000000]' "${S[@]}"
     grid g_deci5_long deci ft_deci5 5 2000 '[256000,512000,1000000]' "${S[@]}"
     wait_until $(( END - 30 )) $GP1 $GP; stop_all $GP1 $GP; ship ;;
+  short)
+    have_kernels || { echo "no kernels on this machine: run gpu_repro.sh here first"; exit 1; }
+    take_pretrained; N=${FT_LEN:-512}; MD=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["first_global_layer"])' \
+      "$RUNS/${PRETRAINED}_mean_distance.json" 2>/dev/null); echo "Mean-Distance layer: ${MD:-unknown}" >> "$L/commands.txt"
+    ARMS="s_vanilla:vanilla:12:$N s_deci12:deci:12:$N"; [ -n "$MD" ] && [ "$MD" != 12 ] && ARMS="$ARMS s_deci$MD:deci:$MD:$N"
+    ft_all $ARMS; wait_until $(( END * 2 / 5 )) $FTP; ft_stop
+    ppl_by_length ppl_short_vanilla; ppl_by_length ppl_short_deci12 --set mamba_arch=deci --set activate_decimation=true \
+      --set 'decimating_layers=[12]' --set decimation_beta=0.5 --set decimation_max_p_L_base=$N
+    grid gs_vanilla vanilla s_vanilla 12 $N "$LENS512"; grid gs_deci12 deci s_deci12 12 $N "$LENS512"
+    grid gs_vanilla_deci12 deci s_vanilla 12 $N "$LENS512"
+    [ -n "$MD" ] && [ "$MD" != 12 ] && { grid gs_deci$MD deci s_deci$MD $MD $N "$LENS512"; grid gs_vanilla_deci$MD deci s_vanilla $MD $N "$LENS512"; }
+    wait_until $(( END * 7 / 10 )) $GP; GP1=$GP; GP=""
+    S=(--set eval_prefill_chunk_size=65536)
+    grid gs_vanilla_long vanilla s_vanilla 12 $N '[256000,512000,1000000]' "${S[@]}"
+    grid gs_deci12_long deci s_deci12 12 $N '[256000,512000,1000000]' "${S[@]}"
+    wait_until $(( END - 35 )) $GP1 $GP; stop_all $GP1 $GP; ship ;;
   ship) ship ;;                     # SHIP_WEIGHTS=<run> bash benchmarks/gpu_passkey.sh ship: weights only
-  *) echo "usage: gpu_passkey.sh ft|grids|ship END_SECONDS"; exit 2 ;;
+  *) echo "usage: gpu_passkey.sh ft|grids|short|ship END_SECONDS"; exit 2 ;;
 esac
 echo "done at $(el) s"

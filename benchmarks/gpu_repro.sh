@@ -5,7 +5,9 @@
 #                                                     on the kernels (SIGTERM -> checkpoint -> --resume) until END_S
 #   bash benchmarks/gpu_repro.sh more END_S          later calls: tokenize newly carried parts, resume pretraining
 #   then benchmarks/gpu_passkey.sh (the passkey fine-tunes and grids from the weights this script brings back)
-# PRETRAIN_SET='--set key=value ...' changes the pretraining config (a new run only), e.g. a larger d_state.
+# PRETRAIN_SET='--set key=value ...' changes the pretraining config (a new run only), e.g. a larger d_state;
+# PRETRAIN_NAME=NAME names the run (/tmp/runs/NAME, default pretrain); MEAN_DISTANCE=1 also writes the Mamba
+# Mean Distance per layer of the shipped checkpoint (tools/mean_distance.py) to /tmp/runs/NAME_mean_distance.json.
 # Every call brings back the latest pretrained weights (bf16, A_log/D fp32) in <= 15 MiB parts and a log archive.
 # Carried: .data/gutenberg/ (xz parts of ../shared/data/gutenberg), .device/ (kernel sources + build script),
 # and the code snapshot .snap/ (git archive of the commit that runs: the tree around it may hold unfinished edits).
@@ -19,7 +21,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true
 export PYTHONPATH=/tmp/site:$PWD/.snap
 ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl
 read -ra EXTRA <<< "${PRETRAIN_SET:-}"   # words of PRETRAIN_SET, not glob-expanded
-ROOT=$PWD; CORPUS=/tmp/lm_corpus; RUNS=/tmp/runs; RUN=$RUNS/pretrain; mkdir -p $CORPUS $RUNS
+ROOT=$PWD; CORPUS=/tmp/lm_corpus; RUNS=/tmp/runs; NAME=${PRETRAIN_NAME:-pretrain}; RUN=$RUNS/$NAME; mkdir -p $CORPUS $RUNS
 cd .snap; ln -sfn "$ROOT/data" data
 latest() { ls -d "$1"/epoch_*_step_* 2>/dev/null | awk -F_ '{print $NF, $0}' | sort -n | tail -1 | cut -d' ' -f2; }
 have_kernels() { python3 -c 'import torch, selective_scan_cuda, causal_conv1d_cuda' 2>/dev/null; }
@@ -37,7 +39,7 @@ train() {  # in the background (pid TRAIN): resume the run if it has a checkpoin
     python3 finetune_ssm.py --resume $RUN >> "$L/pretrain.log" 2>&1 &
   else
     rm -rf $RUN
-    python3 finetune_ssm.py --config configs/pretrain_gutenberg.json --run-name pretrain \
+    python3 finetune_ssm.py --config configs/pretrain_gutenberg.json --run-name $NAME \
       --set output_dir=$RUNS --set lm_corpus_dir=$CORPUS "${EXTRA[@]}" >> "$L/pretrain.log" 2>&1 &
   fi
   TRAIN=$!
@@ -51,7 +53,11 @@ ship() {  # latest pretrained weights (bf16 export) + logs into $OUT
 keep = ("A_log", ".D", "dt_proj.bias")   # fp32 as upstream stores them; the rest bf16
 sd = load_file(sys.argv[1]); save_file({k: v if k.endswith(keep) else v.to(torch.bfloat16) for k, v in sd.items()}, sys.argv[2])' \
       "$last/model.safetensors" /tmp/export/model.safetensors && echo "$last" > /tmp/export/SOURCE && \
-      (cd /tmp/export && tar cf - . | split -b 15M - "$OUT/pretrained.tar.part_")
+      (cd /tmp/export && tar cf - . | split -b 15M - "$OUT/$NAME.tar.part_")
+  fi
+  if [ -n "$last" ] && [ "${MEAN_DISTANCE:-0}" = 1 ]; then
+    python3 tools/mean_distance.py --model "$last" --corpus $CORPUS --split validation --windows 4 \
+      --out $RUNS/${NAME}_mean_distance.json > "$L/mean_distance.log" 2>&1 && cp $RUNS/${NAME}_mean_distance.json "$L/"
   fi
   cp $RUN/train_log.jsonl $RUN/results.jsonl $RUN/config.json "$L/" 2>/dev/null
   nvidia-smi > "$L/nvidia-smi.txt" 2>&1; ls -la $CORPUS > "$L/corpus.txt"; cat $CORPUS/*.json | head -c 2000 >> "$L/corpus.txt"

@@ -9,8 +9,10 @@ input becomes one shard ``<out>/<split>.<tag>.bin`` (uint16 ids, books in archiv
 followed by <|endoftext|>) and ``<split>.<tag>.json`` (tokens, books with offset and length,
 digests of the tokenizer and the input). Shards are written atomically; an existing shard whose
 input and tokenizer digests match is kept (said so), a mismatching one is an error.
-``--pg19`` also writes ``<out>/pg19_<split>/test_set.pt`` (the ``ppl_test`` task's format, loaded
-with weights_only=True) so the perplexity-by-length evaluation runs on these books.
+``--pg19`` also writes the ``ppl_test`` task's format (loaded with weights_only=True): for the train
+split ``<out>/pg19_train/train_set.pt`` (its training books), for any other split
+``<out>/pg19_<split>/test_set.pt`` (the books the perplexity-by-length evaluation reads). A
+``pg19_dir`` for fine-tuning on ``ppl_test`` holds both files (links to the two).
 """
 from __future__ import annotations
 
@@ -100,6 +102,11 @@ def write_json(path: str, obj) -> None:
         json.dump(obj, f, indent=1)
 
 
+def pg19_file(split: str) -> str:
+    """The ppl_test file a split's books become: train_set.pt for training, test_set.pt for evaluation."""
+    return "train_set.pt" if split == "train" else "test_set.pt"
+
+
 def write_pg19(out: str, split: str, tokens: np.ndarray, books: list[dict]) -> str:
     import torch
 
@@ -107,7 +114,7 @@ def write_pg19(out: str, split: str, tokens: np.ndarray, books: list[dict]) -> s
         tokens[b["offset"]:b["offset"] + b["tokens"]].astype(np.int64)).view(1, -1)} for b in books]
     folder = os.path.join(out, f"pg19_{split}")
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "test_set.pt")
+    path = os.path.join(folder, pg19_file(split))
     write_atomic(path, lambda p: torch.save(items, p))
     return path
 
@@ -118,7 +125,7 @@ def main(argv=None) -> int:
     ap.add_argument("--split", required=True, help="split name of the shards (train, validation, test)")
     ap.add_argument("--out", required=True, help="corpus folder (lm_corpus_dir)")
     ap.add_argument("--tokenizer", default=GPT_NEOX)
-    ap.add_argument("--pg19", action="store_true", help="also write pg19_<split>/test_set.pt for the ppl_test task")
+    ap.add_argument("--pg19", action="store_true", help="also write pg19_<split>/{train,test}_set.pt for the ppl_test task")
     args = ap.parse_args(argv)
     try:
         tok = load_tokenizer(args.tokenizer)

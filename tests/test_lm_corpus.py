@@ -123,3 +123,27 @@ def test_shipped_pretraining_config_loads():
     assert conf["dataset"] == "lm_corpus" and conf["scratch_model_config"]["n_layer"] == 24
     with open(path) as f:
         assert json.load(f)["lm_context_len_train"] == 2048
+
+
+def test_pg19_files_for_finetuning_and_evaluation(tmp_path):
+    """--pg19 writes the ppl_test format: train books as train_set.pt, other splits as test_set.pt,
+    so one pg19_dir of links to both fine-tunes and evaluates (issue 13, item 3)."""
+    from configs import schema
+    from custom_datasets.pg19 import PG19Task
+
+    tok = load_tokenizer(BUNDLED_TOKENIZER)
+    held_out = {"201": "The old man and the sea met at dawn, quietly. " * 25}
+    for split, books in (("train", BOOKS), ("test", held_out)):
+        make_tar(tmp_path / f"{split}.tar.xz", books, split)
+        assert tokenize_main(["--split", split, "--pg19", "--out", str(tmp_path / "c"), str(tmp_path / f"{split}.tar.xz")]) == 0
+    assert sorted(os.listdir(tmp_path / "c" / "pg19_train")) == ["train_set.pt"]
+    assert sorted(os.listdir(tmp_path / "c" / "pg19_test")) == ["test_set.pt"]
+    both = tmp_path / "ft"
+    both.mkdir()
+    os.symlink(tmp_path / "c" / "pg19_train" / "train_set.pt", both / "train_set.pt")
+    os.symlink(tmp_path / "c" / "pg19_test" / "test_set.pt", both / "test_set.pt")
+    conf, _ = schema.load(None, {"dataset": "ppl_test", "pg19_dir": str(both)})
+    task = PG19Task(conf, tok)
+    assert [b["input_tokens"][0].tolist() for b in task.train_books] == [tok.encode(t) for t in BOOKS.values()]
+    assert [b["input_tokens"][0].tolist() for b in task.eval_books] == [tok.encode(t) for t in held_out.values()]
+    assert [b["short_book_title"] for b in task.train_books] == list(BOOKS)
