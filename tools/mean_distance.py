@@ -10,7 +10,9 @@ normalised to sum 1 and its mean distance is Σ_j p_ij (i − j); the layer's va
 channels, windows and the rows of the second half (rows with at least l/2 tokens behind them).
 Rule used here (ours; the paper reads the maps by eye): the first global layer is the first whose
 mean distance is at least ``--global-frac`` of the largest layer's. Prints a table and the layer;
-writes JSON with every value, the command and the model's digest.
+``--out`` writes JSON with every value, the command, the model and its digest, the machine and the
+code's commit (no machine paths: paths outside the repository are written as <model>, <corpus>, <out>;
+the commit honours DECIMAMBA_COMMIT, engine/results.code_commit).
 """
 from __future__ import annotations
 
@@ -24,10 +26,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import machine  # noqa: E402
 from custom_datasets.debug_params import load_recorded, record_prompt_params  # noqa: E402
 from custom_datasets.lm_corpus import load_split  # noqa: E402
+from engine.results import code_commit, weights_digest  # noqa: E402
 from models import MambaLMHeadModel  # noqa: E402
 from modules.hidden_attention import default_channels, hidden_attention  # noqa: E402
+from tools.provenance import public_command, public_path  # noqa: E402
+
+PATH_OPTIONS = {"--model": "<model>", "--corpus": "<corpus>", "--out": "<out>"}
 
 
 def layer_mean_distance(layer: dict, channels: list[int]) -> float:
@@ -40,6 +47,7 @@ def layer_mean_distance(layer: dict, channels: list[int]) -> float:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="checkpoint directory")
     ap.add_argument("--corpus", required=True, help="lm_corpus_dir")
@@ -67,7 +75,9 @@ def main(argv=None) -> int:
     for i, v in enumerate(md):
         print(f"layer {i:2d}: mean distance {v:8.1f} tokens ({v / args.tokens:.3f} of the window)"
               + ("   <- first global layer" if i == first else ""))
-    result = {"command": " ".join(sys.argv), "model": os.path.abspath(args.model), "tokens": args.tokens,
+    result = {"command": public_command("tools/mean_distance.py", argv, PATH_OPTIONS),
+              "model": public_path(args.model, "<model>"), "model_digest": weights_digest(args.model),
+              "machine": machine(), "commit": code_commit(), "tokens": args.tokens,
               "windows": args.windows, "channels": channels, "global_frac": args.global_frac,
               "mean_distance": md.round(2).tolist(), "per_window": per_layer.round(2).tolist(),
               "first_global_layer": first}

@@ -52,6 +52,7 @@ from custom_datasets.sources import GPT_NEOX, load_tokenizer  # noqa: E402
 from engine.errors import BadFileError, cli_main  # noqa: E402
 from engine.results import weights_digest  # noqa: E402
 from models import MambaLMHeadModel  # noqa: E402  (as tools/mean_distance.py loads --model)
+from tools.provenance import public_command, public_path  # noqa: E402
 
 THRESHOLDS = (2048, 131072, 1048576)          # tokens: the 2K pretraining length, 128K, 1M
 REGIMES = ("mean", "p1")
@@ -155,34 +156,8 @@ def window_starts(n_tokens: int, tokens: int, windows: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------- provenance
-def _public(value: str, placeholder: str) -> str:
-    """A path as the JSON may show it: relative inside the repository, else the placeholder."""
-    if value is None:
-        return None
-    full = os.path.abspath(value)
-    if full == REPO or full.startswith(REPO + os.sep):
-        return os.path.relpath(full, REPO)
-    return placeholder if os.path.isabs(value) or os.path.exists(value) or os.sep in value else value
-
-
 PATH_OPTIONS = {"--model": "<model>", "--corpus": "<corpus>", "--text": "<text>", "--tokenizer": "<tokenizer>",
                 "--out": "<out>"}
-
-
-def public_command(argv: list[str]) -> str:
-    words, pending = ["python", "tools/state_horizon.py"], None
-    for word in argv:
-        if pending:
-            words.append(_public(word, pending))
-            pending = None
-            continue
-        opt, eq, val = word.partition("=")
-        if opt in PATH_OPTIONS and eq:
-            words.append(f"{opt}={_public(val, PATH_OPTIONS[opt])}")
-        else:
-            words.append(word)
-            pending = PATH_OPTIONS.get(word)
-    return " ".join(words)
 
 
 def _finite(obj):
@@ -284,13 +259,13 @@ def run(args, argv) -> int:
     if args.out:
         mixer = model.backbone.layers[0].mixer
         result = {
-            "command": public_command(argv), "machine": machine(),
+            "command": public_command("tools/state_horizon.py", argv, PATH_OPTIONS), "machine": machine(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git": git_rev(),
-            "model": _public(args.model, "<model>"), "model_digest": weights_digest(args.model),
+            "model": public_path(args.model, "<model>"), "model_digest": weights_digest(args.model),
             "architecture": {"n_layer": model.config.n_layer, "d_model": model.config.d_model,
                              "d_inner": mixer.d_inner, "d_state": mixer.d_state, "dt_rank": mixer.dt_rank},
-            "text": ({"corpus": _public(args.corpus, "<corpus>"), "split": args.split} if args.corpus else
-                     {"file": _public(args.text, "<text>"), "tokenizer": _public(tok_path, "<tokenizer>")}),
+            "text": ({"corpus": public_path(args.corpus, "<corpus>"), "split": args.split} if args.corpus else
+                     {"file": public_path(args.text, "<text>"), "tokenizer": public_path(tok_path, "<tokenizer>")}),
             "text_tokens": int(len(toks)), "tokens": args.tokens, "windows": args.windows, "window_starts": starts,
             "device": args.device, "dtype": "float32", "thresholds": list(THRESHOLDS),
             "definitions": {

@@ -1,0 +1,70 @@
+"""tools/mean_distance.py end to end on a tiny random model: its JSON names no machine path, records
+the model's digest, and its first_global_layer is its own rule applied to its own mean distances."""
+import io
+import json
+import os
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+
+from custom_datasets.tokenize_corpus import main as tokenize_main
+from engine import results
+from engine.results import weights_digest
+from models import MambaConfig, MambaLMHeadModel
+from tests.helpers import randomize
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import mean_distance as md  # noqa: E402
+
+BOOK = "It was a dark and stormy night; the rain fell in torrents. " * 20
+GLOBAL_FRAC = 0.6
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    data = BOOK.encode()
+    with tarfile.open(tmp_path / "validation.tar.xz", "w:xz") as tar:
+        info = tarfile.TarInfo("validation/101.txt")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "corpus"
+    assert tokenize_main(["--split", "validation", "--out", str(out), str(tmp_path / "validation.tar.xz")]) == 0
+    return out
+
+
+@pytest.fixture()
+def named_commit(monkeypatch):
+    """code_commit is computed once per process: clear it around a test that names the commit."""
+    monkeypatch.setenv("DECIMAMBA_COMMIT", "abc1234")
+    results.code_commit.cache_clear()
+    yield "abc1234 (DECIMAMBA_COMMIT)"
+    results.code_commit.cache_clear()
+
+
+def test_json_is_public_and_self_consistent(tmp_path, corpus, named_commit):
+    cfg = MambaConfig(d_model=16, n_layer=4, vocab_size=50277, ssm_cfg={"d_state": 4}, pad_vocab_size_multiple=8)
+    randomize(MambaLMHeadModel(cfg), seed=13).save_pretrained(str(tmp_path / "m"))
+    out = tmp_path / "md.json"
+    argv = [f"--model={tmp_path / 'm'}", "--corpus", str(corpus), "--tokens", "48", "--windows", "2",
+            "--channels", "4", "--global-frac", str(GLOBAL_FRAC), "--device", "cpu", "--out", str(out)]
+    assert md.main(argv) == 0
+    text = out.read_text()
+    assert str(tmp_path) not in text
+    res = json.loads(text)
+    assert res["command"] == ("python tools/mean_distance.py --model=<model> --corpus <corpus> --tokens 48 "
+                              f"--windows 2 --channels 4 --global-frac {GLOBAL_FRAC} --device cpu --out <out>")
+    assert res["model"] == "<model>"
+    assert res["model_digest"] == weights_digest(str(tmp_path / "m"))
+    assert res["commit"] == named_commit and res["machine"]
+    dist = np.array(res["mean_distance"])
+    assert len(dist) == 4 and len(res["per_window"]) == 2
+    first = int(np.argmax(dist >= GLOBAL_FRAC * dist.max()))
+    assert res["first_global_layer"] == first
+    # seed 13's layers reach about 0.48, 0.74, 0.60 and 1 of the largest: the rule picks layer 1, neither
+    # layer 0 nor the largest layer, so a tool that wrote either would fail here
+    assert 0 < first < int(np.argmax(dist))
+    assert {"tokens", "windows", "channels", "global_frac", "mean_distance", "per_window",
+            "first_global_layer"} <= set(res)
