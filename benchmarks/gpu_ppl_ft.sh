@@ -11,11 +11,16 @@
 # book) and the 20 validation books at 1K ... 128K (5 windows per book). Each step-0 evaluation of a fine-tune is
 # the pretrained LM on the test books (vanilla / with decimation). Back in $OUT: logs.tgz (logs, train logs,
 # results, commands.txt). Call with DECIMAMBA_COMMIT=<the commit> (the device copy's .git is stale).
+# Run it alone on the GPU (beside a pretraining and other trainers an arm runs out of memory: the fp32 logits of
+# 16 x 2,000 tokens x 50K vocabulary are 6 GB); it refuses to start without the kernels gpu_repro.sh puts in /tmp/site.
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT/logs"; OUT=$(cd "$OUT" && pwd); L=$OUT/logs
 END=${1:-560}; STEPS=${PPL_FT_STEPS:-400}
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2 PYTHONPATH=$PWD
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2 PYTHONPATH=/tmp/site:$PWD
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+python3 -c 'import torch, selective_scan_cuda, causal_conv1d_cuda' 2>/dev/null ||
+  { echo "no kernels in /tmp/site: run benchmarks/gpu_repro.sh on this machine first (it builds them)"; exit 1; }
 CORPUS=/tmp/lm_corpus; RUNS=/tmp/runs; PG=/tmp/pg19_ft; W0=/tmp/pretrained_ppl; mkdir -p $RUNS
 alive() { local p; for p in "$@"; do kill -0 $p 2>/dev/null && return 0; done; return 1; }
 wait_until() { local t=$1; shift; while alive "$@" && [ $(el) -lt $t ]; do sleep 5; done; }

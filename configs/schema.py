@@ -140,6 +140,7 @@ KEYS: list[Key] = [
     K("niah_depth_window", "float", 0.1, "needle lands within depth ± this", lambda v: 0 < v <= 0.5, "in (0, 0.5]", original=False),
     K("squad_train_source", "str", "rajpurkar/squad_v2:train", "'<hub id>:<split>' or a local SQuAD-format .json", original=False),
     K("squad_eval_source", "str", "rajpurkar/squad_v2:validation", "'<hub id>:<split>' or a local SQuAD-format .json", original=False),
+    K("squad_heldout_titles", "int", 0, "one local SQuAD .json as both sources: this many of its titles (fixed seed) hold the evaluation questions, the rest the training ones (no question or paragraph in both); 0: no split", lambda v: v >= 0, ">= 0", original=False),
     K("squad_index_dir", "str", "custom_datasets/multidoc_squad", "the original index arrays (.npy) for the hub splits", original=False),
     K("multidoc_original_format", "bool", False, "the original's prompt end (a lone space token) and standalone labels (bug B5), to reproduce the released checkpoints' numbers", original=False),
     K("multidoc_dedup_noise", "bool", True, "never repeat a paragraph (or the golden one) as noise in a sample", original=False),
@@ -209,6 +210,7 @@ def validate(cfg: dict, source: str = "config") -> list[str]:
         problems.append(f"decimation_max_p_L_base={cfg['decimation_max_p_L_base']!r}: must be >= 1")
     if cfg["record_debug_params"] and cfg["dataset"] != "niah_custom":
         problems.append("record_debug_params is only supported with dataset 'niah_custom' (as in the original)")
+    problems += _squad_problems(cfg)
     scratch = cfg["scratch_model_config"] is not None and cfg["load_cp"] is None
     if scratch:
         problems += _scratch_problems(cfg)
@@ -223,6 +225,20 @@ def validate(cfg: dict, source: str = "config") -> list[str]:
         notes.append("decimation_* keys and decimating_layers are inert (decimation off)")
     notes.append("use_finetuned_model and train_set_size are unused (kept for compatibility)")
     return notes
+
+
+def _squad_problems(cfg: dict) -> list[str]:
+    """One SQuAD file as both sources trains on the evaluation questions unless split by title."""
+    if cfg["dataset"] != "squad_retrieve":
+        return []
+    same = cfg["squad_train_source"] == cfg["squad_eval_source"]
+    if cfg["squad_heldout_titles"] and not (same and cfg["squad_eval_source"].endswith(".json")):
+        return [f"squad_heldout_titles={cfg['squad_heldout_titles']} splits one local .json used as both "
+                f"squad_train_source and squad_eval_source (got {cfg['squad_train_source']!r} and {cfg['squad_eval_source']!r})"]
+    if same and not cfg["squad_heldout_titles"] and not cfg["eval_mode"]:
+        return [f"squad_train_source and squad_eval_source are the same ({cfg['squad_eval_source']!r}): training would see "
+                f"the evaluation questions; set squad_heldout_titles (e.g. 6) to split the file by title"]
+    return []
 
 
 # Wrong names people type for a key, when the spelling is too far off for difflib to find it.

@@ -16,7 +16,10 @@ prompt end and labels (B5) for reproducing the released checkpoints' numbers.
 
 Data: the hub's ``rajpurkar/squad_v2`` splits with the original index arrays, or a local
 SQuAD-format JSON (e.g. the stand-in dev file), for which the same kinds of arrays are drawn from
-fixed seeds (the original arrays index hub rows only).
+fixed seeds (the original arrays index hub rows only). One local file can serve both: with
+``squad_heldout_titles`` = N, N of its titles (a fixed-seed choice) hold the evaluation questions and
+the others the training ones, so no question or paragraph is in both; the schema refuses one file as
+both sources without it, since training would see the evaluation questions.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ EVAL_SPLIT_SEED = 111            # the original's train_test_split seed for the 
 
 
 def load_squad_rows(source: str, cache_dir=None) -> list[dict]:
-    """Rows in the HF squad_v2 order: {question, context, has_answer}."""
+    """Rows in the HF squad_v2 order: {title, question, context, has_answer}."""
     if source.endswith(".json"):
         if not os.path.isfile(source):
             raise FileNotFoundError(f"SQuAD file {source!r} does not exist")
@@ -50,7 +53,8 @@ def load_squad_rows(source: str, cache_dir=None) -> list[dict]:
         if not isinstance(data, dict) or "data" not in data:
             raise BadFileError(f"{source}: not in SQuAD format (no top-level 'data'); {what}")
         try:
-            return [{"question": str(qa["question"]), "context": str(p["context"]), "has_answer": bool(qa["answers"])}
+            return [{"title": str(art.get("title", "")), "question": str(qa["question"]), "context": str(p["context"]),
+                     "has_answer": bool(qa["answers"])}
                     for art in data["data"] for p in art["paragraphs"] for qa in p["qas"]]
         except (KeyError, TypeError) as exc:
             raise BadFileError(f"{source}: not in SQuAD format (data -> paragraphs -> context, qas -> question, "
@@ -59,8 +63,18 @@ def load_squad_rows(source: str, cache_dir=None) -> list[dict]:
     if not repo or split not in ("train", "validation"):
         raise ValueError(f"SQuAD source {source!r}: expected '<hub id>:<train|validation>' or a local .json file")
     ds = load_hf_dataset(repo, None, split, cache_dir, hint="a local SQuAD-format .json (--set squad_eval_source=PATH)")
-    return [{"question": q, "context": c, "has_answer": bool(a["text"])}
-            for q, c, a in zip(ds["question"], ds["context"], ds["answers"])]
+    return [{"title": t, "question": q, "context": c, "has_answer": bool(a["text"])}
+            for t, q, c, a in zip(ds["title"], ds["question"], ds["context"], ds["answers"])]
+
+
+def split_by_title(rows: list[dict], n_heldout: int, source: str) -> tuple[list[dict], list[dict]]:
+    """(training rows, evaluation rows): the rows of n_heldout titles, chosen by a fixed seed, are held out."""
+    titles = list(dict.fromkeys(r["title"] for r in rows))            # file order, each once
+    if not 0 < n_heldout < len(titles):
+        raise ValueError(f"squad_heldout_titles={n_heldout}: {source!r} has {len(titles)} titles, "
+                         f"so hold out 1 to {len(titles) - 1}")
+    held = {titles[i] for i in np.random.default_rng(EVAL_SPLIT_SEED).permutation(len(titles))[:n_heldout]}
+    return [r for r in rows if r["title"] not in held], [r for r in rows if r["title"] in held]
 
 
 def index_arrays(source: str, rows: list[dict], index_dir: str) -> dict:
@@ -90,6 +104,15 @@ class SquadRetrieveTask(Task):
     def __init__(self, cfg, tokenizer, train: bool = True):
         super().__init__(cfg, tokenizer)
         self.eval_rows = load_squad_rows(cfg["squad_eval_source"], cfg["cache_dir"])
+        held_train = None
+        if cfg["squad_heldout_titles"]:
+            held_train, self.eval_rows = split_by_title(self.eval_rows, cfg["squad_heldout_titles"], cfg["squad_eval_source"])
+            need = max(cfg["multidoc_num_noise_docs_eval"]) + 1
+            paragraphs = len({r["context"] for r in self.eval_rows})
+            if cfg["multidoc_dedup_noise"] and paragraphs < need:
+                raise ValueError(f"squad_heldout_titles={cfg['squad_heldout_titles']}: the held-out titles have {paragraphs} "
+                                 f"distinct paragraphs, fewer than the {need} documents of multidoc_num_noise_docs_eval's "
+                                 f"largest sample; hold out more titles or evaluate fewer documents")
         self.eval_idx = index_arrays(cfg["squad_eval_source"], self.eval_rows, cfg["squad_index_dir"])
         pool = self.eval_idx["has_answer"]
         n_eval = cfg["eval_set_size"]
@@ -97,7 +120,7 @@ class SquadRetrieveTask(Task):
             raise ValueError(f"eval_set_size={n_eval} but {cfg['squad_eval_source']!r} has {len(pool)} answerable questions")
         self.eval_questions = pool[np.random.default_rng(EVAL_SPLIT_SEED).permutation(len(pool))[:n_eval]]
         if train:
-            self.train_rows = load_squad_rows(cfg["squad_train_source"], cfg["cache_dir"])
+            self.train_rows = held_train if held_train is not None else load_squad_rows(cfg["squad_train_source"], cfg["cache_dir"])
             self.train_idx = index_arrays(cfg["squad_train_source"], self.train_rows, cfg["squad_index_dir"])
 
     def build_docs(self, rows, arrays, q_row: int, slot_index: int, n: int, noise_start: int, rng):

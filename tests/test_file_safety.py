@@ -186,7 +186,7 @@ def test_a_damaged_squad_file_or_tokenizer_gives_one_line(tmp_path):
     squad = tmp_path / "dev.json"
     good = {"data": [{"paragraphs": [{"context": "c", "qas": [{"question": "q?", "answers": []}]}]}]}
     squad.write_text(json.dumps(good))
-    assert load_squad_rows(str(squad)) == [{"question": "q?", "context": "c", "has_answer": False}]
+    assert load_squad_rows(str(squad)) == [{"title": "", "question": "q?", "context": "c", "has_answer": False}]
     for text, why in ((json.dumps(good)[:-9], "not valid JSON (line 1"), ("[1, 2]", "no top-level 'data'"),
                       (json.dumps({"data": [{"paragraphs": [{"context": "c"}]}]}), "KeyError: 'qas'")):
         squad.write_text(text)

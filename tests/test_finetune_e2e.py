@@ -159,7 +159,7 @@ def test_squad_and_pg19_train_and_evaluate(tmp_path):
     squad = os.path.join(SHARED, "data", "squad_v2", "cs224n-split", "dev-v2.0.json")
     if os.path.exists(squad):
         run = _run(tmp_path, "squad", dataset="squad_retrieve", squad_train_source=squad, squad_eval_source=squad,
-                   eval_set_size=2, multidoc_num_noise_docs_eval=[3, 6], multidoc_num_noise_docs_train=2, max_step=2)
+                   squad_heldout_titles=6, eval_set_size=2, multidoc_num_noise_docs_eval=[3, 6], multidoc_num_noise_docs_train=2, max_step=2)
         recs = [json.loads(x) for x in open(run / "results.jsonl")]
         assert {r["num_docs"] for r in recs} == {3, 6} and {r["step"] for r in recs} == {0, 2}
     books = [{"short_book_title": f"b{i}", "input_tokens": torch.randint(0, 50277, (1, 900))} for i in range(6)]

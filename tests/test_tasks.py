@@ -108,7 +108,7 @@ def test_squad_prompts_and_labels(tok):
 
     assert DOC.format(q="Q?", i=7, doc="P.") == " <|Query|> Q? <|Document 7|> P."
     cfg, _ = schema.load(None, {"dataset": "squad_retrieve", "squad_eval_source": SQUAD_FILE,
-                                "squad_train_source": SQUAD_FILE, "eval_set_size": 3})
+                                "squad_train_source": SQUAD_FILE, "squad_heldout_titles": 6, "eval_set_size": 3})
     task = SquadRetrieveTask(cfg, tok)
     ids, gid = task.eval_prompt(40, 1)
     text = tok.decode(ids)
@@ -152,7 +152,7 @@ def test_squad_original_format(tok):
     from custom_datasets.squad_retrieve import SquadRetrieveTask
 
     cfg, _ = schema.load(None, {"dataset": "squad_retrieve", "squad_eval_source": SQUAD_FILE, "squad_train_source": SQUAD_FILE,
-                                "eval_set_size": 2, "multidoc_original_format": True})
+                                "squad_heldout_titles": 6, "eval_set_size": 2, "multidoc_original_format": True})
     task = SquadRetrieveTask(cfg, tok)
     ids, gid = task.eval_prompt(10, 0)
     assert ids[-1] == 209 and tok.decode(ids).endswith(" <|Answer|> <|Document ")   # the lone space token

@@ -1,0 +1,72 @@
+"""One local SQuAD file as training and evaluation data: split by title, never trained on the eval questions."""
+import json
+
+import pytest
+
+from configs import schema
+from custom_datasets.sources import BUNDLED_TOKENIZER, load_tokenizer
+from custom_datasets.squad_retrieve import SquadRetrieveTask, load_squad_rows, split_by_title
+
+
+def squad_file(tmp_path, titles=5, paragraphs=4, questions=3):
+    data = [{"title": f"T{t}", "paragraphs": [
+        {"context": f"Paragraph {p} of title {t}.",
+         "qas": [{"question": f"Question {q} on paragraph {p} of title {t}?",
+                  "answers": [{"text": "x", "answer_start": 0}] if q else []} for q in range(questions)]}
+        for p in range(paragraphs)]} for t in range(titles)]
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps({"version": "v2.0", "data": data}))
+    return str(path)
+
+
+def cfg(path, **kw):
+    conf, _ = schema.load(None, {"dataset": "squad_retrieve", "squad_train_source": path, "squad_eval_source": path,
+                                 "multidoc_num_noise_docs_eval": [2, 5], "multidoc_num_noise_docs_train": 3,
+                                 "eval_set_size": 4, **kw})
+    return conf
+
+
+def test_split_holds_out_whole_titles(tmp_path):
+    rows = load_squad_rows(squad_file(tmp_path))
+    train, held = split_by_title(rows, 2, "f")
+    assert len({r["title"] for r in held}) == 2 and len({r["title"] for r in train}) == 3
+    assert not {r["title"] for r in held} & {r["title"] for r in train}
+    assert not {r["context"] for r in held} & {r["context"] for r in train}
+    assert sorted(map(str, train + held)) == sorted(map(str, rows))        # every row on exactly one side
+    assert split_by_title(rows, 2, "f") == (train, held)                     # a fixed choice
+
+
+def test_task_never_trains_on_an_evaluation_question(tmp_path):
+    path = squad_file(tmp_path)
+    task = SquadRetrieveTask(cfg(path, squad_heldout_titles=2), load_tokenizer(BUNDLED_TOKENIZER))
+    tok = task.tok
+    eval_questions = {r["question"] for r in task.eval_rows}
+    eval_paragraphs = {r["context"] for r in task.eval_rows}
+    assert len(eval_questions) == 2 * 4 * 3
+    for i in range(task.train_len()):
+        (chunk,) = task.train_item(i, 0)
+        text = tok.decode(chunk.input_ids)
+        assert not any(q in text for q in eval_questions) and not any(p in text for p in eval_paragraphs)
+    for i in range(4):
+        text = tok.decode(task.eval_prompt(5, i)[0])
+        assert not any(r["question"] in text for r in task.train_rows)
+
+
+def test_one_file_as_both_sources_needs_the_split(tmp_path):
+    path = squad_file(tmp_path)
+    with pytest.raises(schema.ConfigError) as e:
+        cfg(path)
+    assert "\n" not in str(e.value) and "training would see the evaluation questions" in str(e.value)
+    assert "squad_heldout_titles" in str(e.value)
+    assert cfg(path, eval_mode=True)["eval_mode"]                         # evaluating only: nothing is trained
+    with pytest.raises(schema.ConfigError, match="splits one local .json used as both"):
+        cfg(path, squad_heldout_titles=2, squad_train_source="rajpurkar/squad_v2:train")
+
+
+@pytest.mark.parametrize("held,docs,why", [(5, [2], "has 5 titles, so hold out 1 to 4"),
+                                            (1, [2, 12], "4 distinct paragraphs, fewer than the 13 documents")])
+def test_impossible_splits_name_the_value(tmp_path, held, docs, why):
+    path = squad_file(tmp_path)
+    with pytest.raises(ValueError, match=why):
+        SquadRetrieveTask(cfg(path, squad_heldout_titles=held, multidoc_num_noise_docs_eval=docs),
+                          load_tokenizer(BUNDLED_TOKENIZER))
