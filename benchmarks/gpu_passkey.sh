@@ -11,7 +11,8 @@
 #                                               (gpu_repro.sh PRETRAIN_NAME=NAME, same machine; item 4): fine-tune at
 #                                               FT_LEN tokens (default 512) vanilla, DeciMamba at 12 and at the run's
 #                                               Mean-Distance layer (NAME_mean_distance.json), grids 512 ... 128K and
-#                                               256K ... 1M, and the pretrained model's perplexity by length
+#                                               256K ... 1M, and the pretrained model's perplexity by length; its runs
+#                                               are named NAME_s_*, NAME_gs_*, NAME_ppl_* (a second model gets its own)
 # END_S: seconds from the start at which the stage stops its runs and packs up (keep it under the call's limit).
 # Carried: artifacts/pretrained/ (the step-3,866 weights of gpu_repro.sh; or PRETRAINED=DIR, or PRETRAINED=pretrain
 # for the latest checkpoint of gpu_repro.sh's run on the same machine), .device/ (kernel sources + build script),
@@ -28,7 +29,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_
 [ -n "${DECIMAMBA_COMMIT:-}" ] || echo "warning: DECIMAMBA_COMMIT is not set: records will name the copy's stale .git" | tee -a "$L/commands.txt"
 ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl
 python3 -c 'import nltk' 2>/dev/null || { echo "no nltk on this machine: carry .whl/ with its wheel (README of this script)"; exit 1; }
-ROOT=$PWD; RUNS=/tmp/runs; W0=/tmp/pretrained; mkdir -p $RUNS
+ROOT=$PWD; RUNS=/tmp/runs; W0=/tmp/pretrained; [ "$STAGE" = short ] && W0=/tmp/pretrained_short; mkdir -p $RUNS
 latest() { ls -d "$1"/epoch_*_step_* 2>/dev/null | awk -F_ '{print $NF, $0}' | sort -n | tail -1 | cut -d' ' -f2; }
 have_kernels() { python3 -c 'import torch, selective_scan_cuda, causal_conv1d_cuda' 2>/dev/null; }
 alive() { local p; for p in "$@"; do kill -0 $p 2>/dev/null && return 0; done; return 1; }
@@ -73,7 +74,8 @@ ship() {  # every run's train log and results, the logs, nvidia-smi
   nvidia-smi > "$L/nvidia-smi.txt" 2>&1; tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
 }
 take_pretrained() {  # PRETRAINED: a folder, a run name in $RUNS (its latest checkpoint), or artifacts/pretrained
-  P=${PRETRAINED:-$ROOT/artifacts/pretrained}; [ -d "$RUNS/$P" ] && P=$(latest "$RUNS/$P")
+  P=${PRETRAINED:-$ROOT/artifacts/pretrained}
+  if [ -d "$RUNS/$P" ]; then P=$(latest "$RUNS/$P"); [ -n "$P" ] || { echo "run $RUNS/$PRETRAINED has no checkpoint"; exit 1; }; fi
   [ -f "$P/model.safetensors" ] || { echo "no pretrained weights at '$P'"; exit 1; }
   rm -rf $W0; mkdir -p $W0 && cp "$P"/config.json "$P"/model.safetensors $W0/ && echo "pretrained: $P" >> "$L/commands.txt"
 }
@@ -112,20 +114,23 @@ case $STAGE in
     wait_until $(( END - 30 )) $GP1 $GP; stop_all $GP1 $GP; ship ;;
   short)
     have_kernels || { echo "no kernels on this machine: run gpu_repro.sh here first"; exit 1; }
-    take_pretrained; N=${FT_LEN:-512}; MD=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["first_global_layer"])' \
+    : "${PRETRAINED:?the short stage needs PRETRAINED=<a gpu_repro.sh run name on this machine>}"
+    [ -d "$RUNS/$PRETRAINED" ] || { echo "PRETRAINED=$PRETRAINED: no run $RUNS/$PRETRAINED on this machine"; exit 1; }
+    take_pretrained; N=${FT_LEN:-512}; T=$PRETRAINED; MD=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["first_global_layer"])' \
       "$RUNS/${PRETRAINED}_mean_distance.json" 2>/dev/null); echo "Mean-Distance layer: ${MD:-unknown}" >> "$L/commands.txt"
-    ARMS="s_vanilla:vanilla:12:$N s_deci12:deci:12:$N"; [ -n "$MD" ] && [ "$MD" != 12 ] && ARMS="$ARMS s_deci$MD:deci:$MD:$N"
+    ARMS="${T}_s_vanilla:vanilla:12:$N ${T}_s_deci12:deci:12:$N"; [ -n "$MD" ] && [ "$MD" != 12 ] && ARMS="$ARMS ${T}_s_deci$MD:deci:$MD:$N"
     ft_all $ARMS; wait_until $(( END * 2 / 5 )) $FTP; ft_stop
-    ppl_by_length ppl_short_vanilla; ppl_by_length ppl_short_deci12 --set mamba_arch=deci --set activate_decimation=true \
+    ppl_by_length ${T}_ppl_vanilla; ppl_by_length ${T}_ppl_deci12 --set mamba_arch=deci --set activate_decimation=true \
       --set 'decimating_layers=[12]' --set decimation_beta=0.5 --set decimation_max_p_L_base=$N
-    grid gs_vanilla vanilla s_vanilla 12 $N "$LENS512"; grid gs_deci12 deci s_deci12 12 $N "$LENS512"
-    grid gs_vanilla_deci12 deci s_vanilla 12 $N "$LENS512"
-    [ -n "$MD" ] && [ "$MD" != 12 ] && { grid gs_deci$MD deci s_deci$MD $MD $N "$LENS512"; grid gs_vanilla_deci$MD deci s_vanilla $MD $N "$LENS512"; }
+    grid ${T}_gs_vanilla vanilla ${T}_s_vanilla 12 $N "$LENS512"; grid ${T}_gs_deci12 deci ${T}_s_deci12 12 $N "$LENS512"
+    grid ${T}_gs_vanilla_deci12 deci ${T}_s_vanilla 12 $N "$LENS512"
+    [ -n "$MD" ] && [ "$MD" != 12 ] && { grid ${T}_gs_deci$MD deci ${T}_s_deci$MD $MD $N "$LENS512"
+                                         grid ${T}_gs_vanilla_deci$MD deci ${T}_s_vanilla $MD $N "$LENS512"; }
     wait_until $(( END * 7 / 10 )) $GP; GP1=$GP; GP=""
     S=(--set eval_prefill_chunk_size=65536)
-    grid gs_vanilla_long vanilla s_vanilla 12 $N '[256000,512000,1000000]' "${S[@]}"
-    grid gs_deci12_long deci s_deci12 12 $N '[256000,512000,1000000]' "${S[@]}"
-    wait_until $(( END - 35 )) $GP1 $GP; stop_all $GP1 $GP; ship ;;
+    grid ${T}_gs_vanilla_long vanilla ${T}_s_vanilla 12 $N '[256000,512000,1000000]' "${S[@]}"
+    grid ${T}_gs_deci12_long deci ${T}_s_deci12 12 $N '[256000,512000,1000000]' "${S[@]}"
+    wait_until $(( END - 70 )) $GP1 $GP; stop_all $GP1 $GP; ship ;;
   ship) ship ;;                     # SHIP_WEIGHTS=<run> bash benchmarks/gpu_passkey.sh ship: weights only
   *) echo "usage: gpu_passkey.sh ft|grids|short|ship END_SECONDS"; exit 2 ;;
 esac

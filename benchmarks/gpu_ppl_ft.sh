@@ -21,6 +21,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 python3 -c 'import torch, selective_scan_cuda, causal_conv1d_cuda' 2>/dev/null ||
   { echo "no kernels in /tmp/site: run benchmarks/gpu_repro.sh on this machine first (it builds them)"; exit 1; }
+[ -n "${DECIMAMBA_COMMIT:-}" ] || echo "warning: DECIMAMBA_COMMIT is not set: records will name the copy's stale .git" | tee -a "$L/commands.txt"
 CORPUS=/tmp/lm_corpus; RUNS=/tmp/runs; PG=/tmp/pg19_ft; W0=/tmp/pretrained_ppl; mkdir -p $RUNS
 alive() { local p; for p in "$@"; do kill -0 $p 2>/dev/null && return 0; done; return 1; }
 wait_until() { local t=$1; shift; while alive "$@" && [ $(el) -lt $t ]; do sleep 5; done; }
@@ -32,7 +33,7 @@ rm -rf $W0; mkdir -p $W0 && cp "$P"/config.json "$P"/model.safetensors $W0/
 python3 custom_datasets/tokenize_corpus.py --split train --pg19 --out $CORPUS .data/gutenberg/train.* > "$L/tokenize_pg19.log" 2>&1 ||
   { echo "tokenizing the train books failed (tokenize_pg19.log)"; tail -3 "$L/tokenize_pg19.log"; exit 1; }
 rm -rf $PG; mkdir -p $PG; ln -s $CORPUS/pg19_train/train_set.pt $PG/; ln -s $CORPUS/pg19_test/test_set.pt $PG/
-echo "$(el) s: train books in ppl_test format ($(du -h $PG/train_set.pt | cut -f1))" >> "$L/commands.txt"
+echo "$(el) s: train books in ppl_test format ($(du -hL $PG/train_set.pt | cut -f1))" >> "$L/commands.txt"
 
 BASE=(--config configs/pretrain_gutenberg.json --set dataset=ppl_test --set scratch_model_config=null
       --set output_dir=$RUNS --set ppl_test_context_len_train=2000 --set max_train_input_len=20000
@@ -43,10 +44,13 @@ DECI=(--set mamba_arch=deci --set activate_decimation=true --set 'decimating_lay
 FT=(--set load_cp=$W0 --set pg19_dir=$PG --set lr=1e-4 --set lr_sched_type=const --set warmup_steps=0
     --set grad_accum_steps=32 --set train_micro_batch_size=16 --set max_step=$STEPS --set epochs=1000
     --set save_steps=50 --set eval_steps=100000)
-run() {  # NAME ARGS...: one finetune_ssm.py run in the background (pids in PIDS)
-  local n=$1; shift
-  echo "$(el) s: finetune_ssm.py --run-name $n $*" >> "$L/commands.txt"
-  python3 finetune_ssm.py --run-name $n "$@" >> "$L/$n.log" 2>&1 & PIDS="$PIDS $!"
+run() {  # NAME ARGS...: one finetune_ssm.py run in the background (pids in PIDS); a run this machine already has is
+  local n=$1; shift   # resumed from its checkpoint (a fine-tune) or kept (an evaluation with results), never started over
+  if ls -d $RUNS/$n/epoch_*_step_* >/dev/null 2>&1; then set -- --resume $RUNS/$n
+  elif [ -s $RUNS/$n/results.jsonl ]; then echo "$(el) s: $n already has results: kept" >> "$L/commands.txt"; return
+  else set -- --run-name $n "$@"; fi
+  echo "$(el) s: finetune_ssm.py $*" >> "$L/commands.txt"
+  python3 finetune_ssm.py "$@" >> "$L/$n.log" 2>&1 & PIDS="$PIDS $!"
 }
 PIDS=""
 run ftppl_vanilla "${BASE[@]}" "${FT[@]}"
@@ -70,7 +74,7 @@ evals base_vanilla $W0
 evals base_deci $W0 "${DECI[@]}"
 if [ -n "$S" ]; then
   WV=$(ls -d $RUNS/ftppl_vanilla/epoch_*_step_$S); WD=$(ls -d $RUNS/ftppl_deci/epoch_*_step_$S)
-  evals ft_vanilla "$WV"; evals ft_deci "$WD" "${DECI[@]}"; evals ft_vanilla_deci "$WV" "${DECI[@]}"
+  evals ft_vanilla_s$S "$WV"; evals ft_deci_s$S "$WD" "${DECI[@]}"; evals ft_vanilla_deci_s$S "$WV" "${DECI[@]}"
 fi
 wait_until $(( END - 20 )) $PIDS; kill -TERM $PIDS 2>/dev/null; sleep 3
 for r in $RUNS/ftppl_* $RUNS/ppl_*; do [ -d $r ] || continue; b=$(basename $r)

@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -223,21 +224,33 @@ def validate(cfg: dict, source: str = "config") -> list[str]:
         notes.append(f"deci_num_chunks={cfg['deci_num_chunks']} is inert here (used only for decimating PG-19 training)")
     if not (deci and cfg["activate_decimation"]):
         notes.append("decimation_* keys and decimating_layers are inert (decimation off)")
+    if cfg["dataset"] == "squad_retrieve" and cfg["eval_mode"] and _same_squad_source(cfg) and not cfg["squad_heldout_titles"]:
+        notes.append("squad_heldout_titles is 0: every question of the file is evaluated; for a checkpoint fine-tuned on "
+                     "this file, set the squad_heldout_titles it was trained with")
     notes.append("use_finetuned_model and train_set_size are unused (kept for compatibility)")
     return notes
+
+
+def _same_squad_source(cfg: dict) -> bool:
+    a, b = cfg["squad_train_source"], cfg["squad_eval_source"]
+    if a.endswith(".json") and b.endswith(".json"):
+        return os.path.realpath(a) == os.path.realpath(b)      # ./x.json and ../dir/x.json may name one file
+    return a == b
 
 
 def _squad_problems(cfg: dict) -> list[str]:
     """One SQuAD file as both sources trains on the evaluation questions unless split by title."""
     if cfg["dataset"] != "squad_retrieve":
         return []
-    same = cfg["squad_train_source"] == cfg["squad_eval_source"]
-    if cfg["squad_heldout_titles"] and not (same and cfg["squad_eval_source"].endswith(".json")):
+    same, local = _same_squad_source(cfg), cfg["squad_eval_source"].endswith(".json")
+    if cfg["squad_heldout_titles"] and not (same and local):
         return [f"squad_heldout_titles={cfg['squad_heldout_titles']} splits one local .json used as both "
                 f"squad_train_source and squad_eval_source (got {cfg['squad_train_source']!r} and {cfg['squad_eval_source']!r})"]
     if same and not cfg["squad_heldout_titles"] and not cfg["eval_mode"]:
+        fix = ("set squad_heldout_titles (e.g. 6) to split the file by title" if local else
+               "train on the hub's train split (squad_train_source='rajpurkar/squad_v2:train')")
         return [f"squad_train_source and squad_eval_source are the same ({cfg['squad_eval_source']!r}): training would see "
-                f"the evaluation questions; set squad_heldout_titles (e.g. 6) to split the file by title"]
+                f"the evaluation questions; {fix}"]
     return []
 
 

@@ -70,6 +70,9 @@ def load_squad_rows(source: str, cache_dir=None) -> list[dict]:
 def split_by_title(rows: list[dict], n_heldout: int, source: str) -> tuple[list[dict], list[dict]]:
     """(training rows, evaluation rows): the rows of n_heldout titles, chosen by a fixed seed, are held out."""
     titles = list(dict.fromkeys(r["title"] for r in rows))            # file order, each once
+    if len(titles) < 2:
+        raise ValueError(f"squad_heldout_titles={n_heldout}: {source!r} has {len(titles)} title(s); a split by title "
+                         f"needs at least 2")
     if not 0 < n_heldout < len(titles):
         raise ValueError(f"squad_heldout_titles={n_heldout}: {source!r} has {len(titles)} titles, "
                          f"so hold out 1 to {len(titles) - 1}")
@@ -107,17 +110,23 @@ class SquadRetrieveTask(Task):
         held_train = None
         if cfg["squad_heldout_titles"]:
             held_train, self.eval_rows = split_by_title(self.eval_rows, cfg["squad_heldout_titles"], cfg["squad_eval_source"])
-            need = max(cfg["multidoc_num_noise_docs_eval"]) + 1
-            paragraphs = len({r["context"] for r in self.eval_rows})
-            if cfg["multidoc_dedup_noise"] and paragraphs < need:
-                raise ValueError(f"squad_heldout_titles={cfg['squad_heldout_titles']}: the held-out titles have {paragraphs} "
-                                 f"distinct paragraphs, fewer than the {need} documents of multidoc_num_noise_docs_eval's "
-                                 f"largest sample; hold out more titles or evaluate fewer documents")
+            sides = [("held-out", self.eval_rows, "multidoc_num_noise_docs_eval")]
+            if train:
+                sides.append(("training", held_train, "multidoc_num_noise_docs_train"))
+            for side, side_rows, key in sides:
+                need = (max(cfg[key]) if isinstance(cfg[key], list) else cfg[key]) + 1
+                paragraphs = len({r["context"] for r in side_rows})
+                if cfg["multidoc_dedup_noise"] and paragraphs < need:
+                    raise ValueError(f"squad_heldout_titles={cfg['squad_heldout_titles']}: the {side} titles have {paragraphs} "
+                                     f"distinct paragraphs, fewer than the {need} documents of {key}'s largest sample; "
+                                     f"change squad_heldout_titles or use fewer documents")
         self.eval_idx = index_arrays(cfg["squad_eval_source"], self.eval_rows, cfg["squad_index_dir"])
         pool = self.eval_idx["has_answer"]
         n_eval = cfg["eval_set_size"]
         if n_eval > len(pool):
-            raise ValueError(f"eval_set_size={n_eval} but {cfg['squad_eval_source']!r} has {len(pool)} answerable questions")
+            where = (f"the {cfg['squad_heldout_titles']} held-out titles of {cfg['squad_eval_source']!r} have"
+                     if cfg["squad_heldout_titles"] else f"{cfg['squad_eval_source']!r} has")
+            raise ValueError(f"eval_set_size={n_eval} but {where} {len(pool)} answerable questions")
         self.eval_questions = pool[np.random.default_rng(EVAL_SPLIT_SEED).permutation(len(pool))[:n_eval]]
         if train:
             self.train_rows = held_train if held_train is not None else load_squad_rows(cfg["squad_train_source"], cfg["cache_dir"])

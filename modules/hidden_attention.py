@@ -42,6 +42,8 @@ def hidden_attention(delta, A, B, C, channels, block_rows: int = 32, average: bo
     idx = torch.as_tensor(list(channels), device=delta.device, dtype=torch.long)
     if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= delta.shape[0]:
         raise ValueError(f"channels must be non-empty indices in [0, {delta.shape[0]}), got {list(channels)[:8]}")
+    if block_rows < 1:
+        raise ValueError(f"block_rows={block_rows}: must be >= 1")
     out = torch.zeros(1 if average else len(idx), length, length, device=delta.device)
     for g0 in range(0, len(idx), CHANNEL_GROUP):
         group = idx[g0:g0 + CHANNEL_GROUP]

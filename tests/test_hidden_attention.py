@@ -60,6 +60,22 @@ def test_matches_naive_formula(length, block_rows):
     torch.testing.assert_close(avg.double(), ref.mean(0), **tol)
 
 
+def test_channel_groups_match_naive_formula(monkeypatch):
+    # more channels than CHANNEL_GROUP: several groups, a ragged last one, averaged across groups
+    import modules.hidden_attention as ha
+
+    monkeypatch.setattr(ha, "CHANNEL_GROUP", 2)
+    delta, A, B, C, _, _ = _inputs(e=7, length=21, seed=3)
+    channels = [0, 1, 3, 4, 6]
+    ref = _naive_loops(delta, A, B, C, channels)
+    tol = dict(rtol=1e-5, atol=1e-6 * float(ref.abs().max()))      # as test_matches_naive_formula
+    torch.testing.assert_close(ha.hidden_attention(delta, A, B, C, channels, block_rows=8).double(), ref, **tol)
+    torch.testing.assert_close(ha.hidden_attention(delta, A, B, C, channels, block_rows=8, average=True).double(),
+                               ref.mean(0), **tol)
+    with pytest.raises(ValueError, match="block_rows=0: must be >= 1"):
+        ha.hidden_attention(delta, A, B, C, channels, block_rows=0)
+
+
 def test_long_sequence_stable_and_exact():
     delta, A, B, C, _, _ = _inputs(length=2000, scale=5.0)                             # large Δ: S reaches thousands
     S = torch.cumsum(delta.float(), -1)

@@ -61,12 +61,33 @@ def test_one_file_as_both_sources_needs_the_split(tmp_path):
     assert cfg(path, eval_mode=True)["eval_mode"]                         # evaluating only: nothing is trained
     with pytest.raises(schema.ConfigError, match="splits one local .json used as both"):
         cfg(path, squad_heldout_titles=2, squad_train_source="rajpurkar/squad_v2:train")
+    other_spelling = str(tmp_path / "." / ".." / tmp_path.name / "squad.json")   # the same file, another path
+    with pytest.raises(schema.ConfigError, match="training would see the evaluation questions"):
+        cfg(path, squad_train_source=other_spelling)
+    with pytest.raises(schema.ConfigError, match="train on the hub's train split"):
+        cfg("rajpurkar/squad_v2:validation")
 
 
-@pytest.mark.parametrize("held,docs,why", [(5, [2], "has 5 titles, so hold out 1 to 4"),
-                                            (1, [2, 12], "4 distinct paragraphs, fewer than the 13 documents")])
-def test_impossible_splits_name_the_value(tmp_path, held, docs, why):
+def test_evaluating_one_file_whole_says_so(tmp_path):
+    path = squad_file(tmp_path)
+    _, notes = schema.load(None, {"dataset": "squad_retrieve", "squad_train_source": path, "squad_eval_source": path,
+                                  "eval_mode": True})
+    assert any("squad_heldout_titles is 0: every question of the file is evaluated" in n for n in notes)
+
+
+def test_a_file_without_titles_cannot_be_split(tmp_path):
+    path = tmp_path / "untitled.json"
+    path.write_text(json.dumps({"data": [{"paragraphs": [{"context": "c", "qas": [{"question": "q?", "answers": []}]}]}]}))
+    with pytest.raises(ValueError, match="has 1 title\\(s\\); a split by title needs at least 2"):
+        split_by_title(load_squad_rows(str(path)), 1, str(path))
+
+
+@pytest.mark.parametrize("held,docs,train_docs,why", [
+    (5, [2], 3, "has 5 titles, so hold out 1 to 4"),
+    (1, [2, 12], 3, "held-out titles have 4 distinct paragraphs, fewer than the 13"),
+    (4, [2], 4, "training titles have 4 distinct paragraphs, fewer than the 5 documents")])
+def test_impossible_splits_name_the_value(tmp_path, held, docs, train_docs, why):
     path = squad_file(tmp_path)
     with pytest.raises(ValueError, match=why):
-        SquadRetrieveTask(cfg(path, squad_heldout_titles=held, multidoc_num_noise_docs_eval=docs),
-                          load_tokenizer(BUNDLED_TOKENIZER))
+        SquadRetrieveTask(cfg(path, squad_heldout_titles=held, multidoc_num_noise_docs_eval=docs,
+                              multidoc_num_noise_docs_train=train_docs), load_tokenizer(BUNDLED_TOKENIZER))
