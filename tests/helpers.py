@@ -158,3 +158,12 @@ def over_budget(outputs: dict, ref, budget: float) -> dict:
     from the fp32 reference ``ref``; empty when every one is within it."""
     errors = {name: rel_err(t, ref) for name, t in outputs.items()}
     return {name: e for name, e in errors.items() if not e <= budget}
+
+
+def one_line_stderr(capsys, *needles) -> str:
+    """The captured stderr: one line, no traceback, holding every needle."""
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err

@@ -17,6 +17,7 @@ from engine import checkpoint as ckpt
 from engine import results
 from engine import train as train_loop
 from models import DecimatingMambaModel, MambaConfig
+from tests.helpers import one_line_stderr
 from tests.test_finetune_e2e import _run
 
 EVAL = ["--eval", "2", "--device", "cpu", "--set", "niah_context_lens_eval=[100]", "--set", "niah_needle_depths_eval=[0,1]",
@@ -36,12 +37,8 @@ def _records(run):
 
 
 def _one_line_error(capsys, rc, code, *needles):
-    err = capsys.readouterr().err.strip()
-    assert rc == code, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
-    return err
+    assert rc == code, capsys.readouterr().err
+    return one_line_stderr(capsys, *needles)
 
 
 # ---------------------------------------------------------------------------- item 2: reuse keyed on content

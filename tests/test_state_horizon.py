@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from models import MambaConfig, MambaLMHeadModel
-from tests.helpers import randomize
+from tests.helpers import one_line_stderr, randomize
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 import state_horizon as sh  # noqa: E402
@@ -151,18 +151,10 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert res["rows"][KNOWN]["p1"]["frac_ge_131072"] == float((want >= 131072).mean())
 
 
-def _one_line(capsys, *needles):
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
-    return err
-
-
 def test_missing_model_folder_is_one_line_naming_it(tmp_path, capsys):
     missing = tmp_path / "no_model_here"
     assert sh.main(["--model", str(missing), "--text", "data/wikitext-2-raw/wiki.valid.raw"]) == 1
-    _one_line(capsys, "error:", str(missing))
+    one_line_stderr(capsys, "error:", str(missing))
 
 
 @pytest.mark.parametrize("opt,value", [("--tokens", "abc"), ("--windows", "0"), ("--tokens", "-5")])
@@ -170,11 +162,11 @@ def test_bad_number_is_one_line(opt, value, capsys):
     with pytest.raises(SystemExit) as exc:
         sh.main(["--model", "m", "--text", "t", opt, value])
     assert exc.value.code == 2
-    _one_line(capsys, "error:", opt, value)
+    one_line_stderr(capsys, "error:", opt, value)
 
 
 def test_text_shorter_than_a_window_is_one_line(tmp_path, capsys):
     _model(vocab_size=50277).save_pretrained(str(tmp_path / "m"))
     (tmp_path / "t.txt").write_text("a few words only", encoding="utf-8")
     assert sh.main(["--model", str(tmp_path / "m"), "--text", str(tmp_path / "t.txt")]) == 1
-    _one_line(capsys, "error:", "--tokens 2048")
+    one_line_stderr(capsys, "error:", "--tokens 2048")
