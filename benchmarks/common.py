@@ -26,8 +26,9 @@ def machine() -> str:
 
 
 def git_rev() -> str:
-    if os.environ.get("GIT_REV"):       # copies without the right .git (the GPU machine) pass it in
-        return os.environ["GIT_REV"]
+    rev = os.environ.get("GIT_REV") or os.environ.get("DECIMAMBA_COMMIT")
+    if rev:                              # copies without the right .git (the GPU machine) pass it in
+        return rev
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):

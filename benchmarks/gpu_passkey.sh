@@ -24,16 +24,12 @@
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT/logs"; OUT=$(cd "$OUT" && pwd); L=$OUT/logs
 STAGE=${1:-}; END=${2:-560}
-T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
+. "$(dirname "$0")/gpu_common.sh"   # el, latest, have_kernels, alive, wait_until, stop_all
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2 PYTHONPATH=/tmp/site:$PWD
 [ -n "${DECIMAMBA_COMMIT:-}" ] || echo "warning: DECIMAMBA_COMMIT is not set: records will name the copy's stale .git" | tee -a "$L/commands.txt"
 ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl
 python3 -c 'import nltk' 2>/dev/null || { echo "no nltk on this machine: carry .whl/ with its wheel (README of this script)"; exit 1; }
 ROOT=$PWD; RUNS=/tmp/runs; W0=/tmp/pretrained; [ "$STAGE" = short ] && W0=/tmp/pretrained_short; mkdir -p $RUNS
-latest() { ls -d "$1"/epoch_*_step_* 2>/dev/null | awk -F_ '{print $NF, $0}' | sort -n | tail -1 | cut -d' ' -f2; }
-have_kernels() { python3 -c 'import torch, selective_scan_cuda, causal_conv1d_cuda' 2>/dev/null; }
-alive() { local p; for p in "$@"; do kill -0 $p 2>/dev/null && return 0; done; return 1; }
-wait_until() { local t=$1; shift; while alive "$@" && [ $(el) -lt $t ]; do sleep 5; done; }   # DEADLINE PID...
 
 ARMS2K="ft_vanilla:vanilla:12:2000 ft_deci5:deci:5:2000 ft_deci12:deci:12:2000"
 ARMS512="ft512_vanilla:vanilla:12:512 ft512_deci12:deci:12:512"
@@ -49,9 +45,6 @@ ft_all() {  # NAME:ARCH:LAYER:TRAIN_LEN ... in the background (pids FTP): resume
       --set "decimating_layers=[$layer]" --set niah_context_len_train=$len --set decimation_max_p_L_base=$len); fi
     echo "$(el) s: finetune_ssm.py ${args[*]}" >> "$L/commands.txt"
     nice -n 10 python3 finetune_ssm.py "${args[@]}" >> "$L/$n.log" 2>&1 & FTP="$FTP $!"; done
-}
-stop_all() {  # PID...: SIGTERM (a trainer saves its checkpoint), 60 s to finish, then SIGKILL
-  local t=$(( $(el) + 60 )); kill -TERM "$@" 2>/dev/null; wait_until $t "$@"; kill -KILL "$@" 2>/dev/null; wait "$@" 2>/dev/null
 }
 ft_stop() { stop_all $FTP; echo "fine-tunes stopped at $(el) s" >> "$L/commands.txt"; }
 GP=""

@@ -16,15 +16,13 @@
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT/logs"; OUT=$(cd "$OUT" && pwd); L=$OUT/logs
 END=${1:-560}; STEPS=${PPL_FT_STEPS:-400}
-T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
+. "$(dirname "$0")/gpu_common.sh"   # el, latest, have_kernels, alive, wait_until, stop_all
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2 PYTHONPATH=/tmp/site:$PWD
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-python3 -c 'import torch, selective_scan_cuda, causal_conv1d_cuda' 2>/dev/null ||
+have_kernels ||
   { echo "no kernels in /tmp/site: run benchmarks/gpu_repro.sh on this machine first (it builds them)"; exit 1; }
 [ -n "${DECIMAMBA_COMMIT:-}" ] || echo "warning: DECIMAMBA_COMMIT is not set: records will name the copy's stale .git" | tee -a "$L/commands.txt"
 CORPUS=/tmp/lm_corpus; RUNS=/tmp/runs; PG=/tmp/pg19_ft; W0=/tmp/pretrained_ppl; mkdir -p $RUNS
-alive() { local p; for p in "$@"; do kill -0 $p 2>/dev/null && return 0; done; return 1; }
-wait_until() { local t=$1; shift; while alive "$@" && [ $(el) -lt $t ]; do sleep 5; done; }
 steps_of() { ls -d "$1"/epoch_*_step_* 2>/dev/null | sed 's/.*_step_//' | sort -n; }
 P=${PRETRAINED:-artifacts/pretrained}
 [ -f "$P/model.safetensors" ] || { echo "no pretrained weights at '$P'"; exit 1; }
@@ -56,7 +54,7 @@ PIDS=""
 run ftppl_vanilla "${BASE[@]}" "${FT[@]}"
 run ftppl_deci "${BASE[@]}" "${FT[@]}" "${DECI[@]}"
 FTP=$PIDS; wait_until $(( END * 3 / 5 )) $FTP
-kill -TERM $FTP 2>/dev/null; wait_until $(( $(el) + 60 )) $FTP; kill -KILL $FTP 2>/dev/null
+stop_all $FTP
 echo "fine-tunes stopped at $(el) s" >> "$L/commands.txt"
 S=$(comm -12 <(steps_of $RUNS/ftppl_vanilla | sort) <(steps_of $RUNS/ftppl_deci | sort) | sort -n | tail -1)
 echo "last step both fine-tunes reached: ${S:-none}" >> "$L/commands.txt"

@@ -17,7 +17,7 @@
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT/logs"; OUT=$(cd "$OUT" && pwd); L=$OUT/logs
 STAGE=$1; END=${2:-560}
-T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
+. "$(dirname "$0")/gpu_common.sh"   # el, latest, have_kernels
 MDT=0; [ "${MEAN_DISTANCE:-0}" = 1 ] && MDT=60   # seconds kept for the Mean Distance at the end
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true
 export PYTHONPATH=/tmp/site:$PWD/.snap
@@ -25,8 +25,6 @@ ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps 
 read -ra EXTRA <<< "${PRETRAIN_SET:-}"   # words of PRETRAIN_SET, not glob-expanded
 ROOT=$PWD; CORPUS=/tmp/lm_corpus; RUNS=/tmp/runs; NAME=${PRETRAIN_NAME:-pretrain}; RUN=$RUNS/$NAME; mkdir -p $CORPUS $RUNS
 cd .snap; ln -sfn "$ROOT/data" data
-latest() { ls -d "$1"/epoch_*_step_* 2>/dev/null | awk -F_ '{print $NF, $0}' | sort -n | tail -1 | cut -d' ' -f2; }
-have_kernels() { python3 -c 'import torch, selective_scan_cuda, causal_conv1d_cuda' 2>/dev/null; }
 tokenize() {  # every carried part not yet tokenized, in parallel
   local pids=""
   for f in "$ROOT"/.data/gutenberg/*.tar.xz*; do
@@ -50,11 +48,8 @@ stop_train() { kill -TERM $TRAIN 2>/dev/null; wait $TRAIN; echo "trainer stopped
 ship() {  # latest pretrained weights (bf16 export) + logs into $OUT
   local last; last=$(latest $RUN)
   if [ -n "$last" ]; then
-    rm -rf /tmp/export; mkdir -p /tmp/export; cp "$last"/config.json "$last"/finetune_ssm_config.json /tmp/export/
-    python3 -c 'import sys, torch; from safetensors.torch import load_file, save_file
-keep = ("A_log", ".D", "dt_proj.bias")   # fp32 as upstream stores them; the rest bf16
-sd = load_file(sys.argv[1]); save_file({k: v if k.endswith(keep) else v.to(torch.bfloat16) for k, v in sd.items()}, sys.argv[2])' \
-      "$last/model.safetensors" /tmp/export/model.safetensors && echo "$last" > /tmp/export/SOURCE && \
+    rm -rf /tmp/export; python3 tools/export_checkpoint.py "$last" /tmp/export >> "$L/pretrain.log" 2>&1 &&   # bf16, A_log/D fp32
+      cp "$last"/finetune_ssm_config.json /tmp/export/ && echo "$last" > /tmp/export/SOURCE &&
       (cd /tmp/export && tar cf - . | split -b 15M - "$OUT/$NAME.tar.part_")
   fi
   if [ -n "$last" ] && [ "${MEAN_DISTANCE:-0}" = 1 ]; then

@@ -59,6 +59,18 @@ def load_split(corpus_dir: str, split: str) -> list[Shard]:
     return [Shard(p) for p in paths]
 
 
+def split_tokens(corpus_dir: str, split: str) -> np.ndarray:
+    """Every token of a split, its shards in name order, as one int64 array (tools read windows from it)."""
+    return np.concatenate([np.asarray(s.tokens) for s in load_split(corpus_dir, split)]).astype(np.int64)
+
+
+def window_starts(n_tokens: int, tokens: int, windows: int) -> list[int]:
+    """Starts of ``windows`` windows of ``tokens`` + 1 tokens, evenly spaced over ``n_tokens``."""
+    if n_tokens < tokens + 1:
+        raise ValueError(f"the text has {n_tokens:,} tokens: --tokens {tokens} needs at least {tokens + 1:,}")
+    return [int(s) for s in np.linspace(0, n_tokens - tokens - 1, windows).astype(np.int64)]
+
+
 class LMCorpusTask(Task):
     name = "lm_corpus"
     version = "1"

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import machine  # noqa: E402
 from custom_datasets.debug_params import load_recorded, record_prompt_params  # noqa: E402
-from custom_datasets.lm_corpus import load_split  # noqa: E402
+from custom_datasets.lm_corpus import split_tokens, window_starts  # noqa: E402
 from engine.results import code_commit, weights_digest  # noqa: E402
 from models import MambaLMHeadModel  # noqa: E402
 from modules.hidden_attention import default_channels, hidden_attention  # noqa: E402
@@ -60,14 +60,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="JSON file to write")
     args = ap.parse_args(argv)
     model = MambaLMHeadModel.from_pretrained(args.model, device=args.device, dtype=torch.float32)
-    shards = load_split(args.corpus, args.split)
-    toks = np.concatenate([np.asarray(s.tokens) for s in shards])
-    starts = np.linspace(0, len(toks) - args.tokens - 1, args.windows).astype(np.int64)
+    toks = split_tokens(args.corpus, args.split)
+    starts = window_starts(len(toks), args.tokens, args.windows)
     channels = default_channels(model.backbone.layers[0].mixer.d_inner, args.channels)
     per_layer = np.zeros((args.windows, model.config.n_layer))
     with tempfile.TemporaryDirectory() as tmp:
         for w, s in enumerate(starts):
-            ids = torch.from_numpy(toks[s:s + args.tokens].astype(np.int64))[None].to(args.device)
+            ids = torch.from_numpy(toks[s:s + args.tokens])[None].to(args.device)
             layers, _ = load_recorded(record_prompt_params(model, ids, tmp, f"w{w}", {}))
             per_layer[w] = [layer_mean_distance(layer, channels) for layer in layers]
     md = per_layer.mean(0)

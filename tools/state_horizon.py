@@ -47,7 +47,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from benchmarks.common import git_rev, machine  # noqa: E402
-from custom_datasets.lm_corpus import load_split  # noqa: E402  (as tools/mean_distance.py reads a corpus)
+from custom_datasets.lm_corpus import split_tokens, window_starts  # noqa: E402  (as tools/mean_distance.py)
 from custom_datasets.sources import GPT_NEOX, load_tokenizer  # noqa: E402
 from engine.errors import BadFileError, cli_main  # noqa: E402
 from engine.results import weights_digest  # noqa: E402
@@ -129,8 +129,7 @@ def load_model(path: str, device: str):
 def text_tokens(args) -> tuple[np.ndarray, str | None]:
     """-> (token ids, the tokenizer.json used: None for a tokenized corpus)."""
     if args.corpus:
-        shards = load_split(args.corpus, args.split)
-        return np.concatenate([np.asarray(s.tokens) for s in shards]).astype(np.int64), None
+        return split_tokens(args.corpus, args.split), None
     if not os.path.isfile(args.text):
         raise FileNotFoundError(f"--text {args.text}: no such file")
     try:
@@ -147,12 +146,6 @@ def tokenizer_source(args) -> str:
         return args.tokenizer
     own = os.path.join(args.model, "tokenizer.json")
     return own if os.path.isfile(own) else GPT_NEOX            # GPT-NeoX-20B is bundled (data/)
-
-
-def window_starts(n_tokens: int, tokens: int, windows: int) -> list[int]:
-    if n_tokens < tokens + 1:
-        raise ValueError(f"the text has {n_tokens:,} tokens: --tokens {tokens} needs at least {tokens + 1:,}")
-    return [int(s) for s in np.linspace(0, n_tokens - tokens - 1, windows).astype(np.int64)]
 
 
 # ---------------------------------------------------------------------------- provenance
