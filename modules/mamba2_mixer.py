@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from modules import kernels
 from modules.decimation import DecimationConfig, gather_tokens, kept_from_scores, token_scores
-from modules.ssd import INT32_MAX, max_offset, ssd_scan, ssd_step, step_size
+from modules.ssd import INT32_MAX, conv_input, ssd_scan, ssd_step, step_size
 
 NORM_EPS = 1e-5   # mamba-ssm's Mamba2 gated RMSNorm eps (and transformers' layer_norm_epsilon default)
 
@@ -152,9 +152,7 @@ class Mamba2Mixer(nn.Module):
         xBC = xBC.transpose(1, 2)                                                           # (b, e + 2gn, l)
         xBC, prev = cache.extend_conv_input(xBC, self.d_conv) if cache is not None else (xBC, 0)
         if kernels.use_ssd_kernels(self.backend, hidden):                                   # 2
-            if max_offset(xBC) > INT32_MAX:      # a view into in_proj's rows; causal-conv1d offsets are uint32
-                xBC = xBC.contiguous()
-            xBC = kernels.causal_conv1d_fn(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+            xBC = kernels.causal_conv1d_fn(conv_input(xBC), self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                            activation="silu")[..., prev:]
         else:
             xBC = F.silu(self.conv1d(xBC)[..., prev:prev + length])

@@ -145,6 +145,16 @@ def max_offset(t: torch.Tensor) -> int:
     return sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0)
 
 
+def conv_input(t: torch.Tensor) -> torch.Tensor:
+    """t (b, d, l) as causal-conv1d's kernel accepts it: channel-last (stride(1) == 1, a view into
+    in_proj's rows) only when stride(0) and stride(2) are multiples of 8, and offsets under 2³¹ (it
+    indexes in uint32); otherwise a channel-first copy (in_proj rows of 1,028 broke the first rule)."""
+    last = t.stride(1) == 1 and t.stride(2) > 1
+    if max_offset(t) > INT32_MAX or (last and (t.stride(0) % 8 or t.stride(2) % 8)):
+        return t.contiguous()
+    return t
+
+
 def kernel_segment(x, B, chunk_size) -> int:
     """Tokens per SSD kernel call. mamba-ssm's Triton kernels index in int32 (pid · chunk · stride,
     no int64 cast): every tensor they touch (inputs, out, the chunk states) must stay under 2³¹

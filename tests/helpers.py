@@ -167,3 +167,14 @@ def one_line_stderr(capsys, *needles) -> str:
     for needle in needles:
         assert needle in err, err
     return err
+
+
+def prompt_positions(kept_indices):
+    """LMOutput.kept_indices (batch 1) -> [(layer, kept positions in the prompt)]. Each layer's indices
+    point into its own input, the previous decimating layer's kept tokens: compared raw, one flipped
+    near-tie at an earlier layer shifts every later index."""
+    out, pos = [], None
+    for layer, idx in kept_indices:
+        pos = idx if pos is None else pos[idx]
+        out.append((layer, pos))
+    return out

@@ -7,7 +7,8 @@ import torch
 
 from models import DecimatingMambaModel, MambaConfig
 from tests.conftest import requires_cuda, requires_kernels
-from tests.helpers import BF16_UNIT_ROUNDOFF, GRADS_BF16, LOGITS_BF16, fwd_bwd, over_budget, randomize, rel_err
+from tests.helpers import (BF16_UNIT_ROUNDOFF, GRADS_BF16, LOGITS_BF16, fwd_bwd, over_budget, prompt_positions,
+                           randomize, rel_err)
 
 DECI = dict(activate=True, beta=0.5, L_base=1000, decimating_layers=[1, 2], min_seq_len=20)
 
@@ -44,7 +45,7 @@ def test_kernel_equals_torch_fp32(deci):
     ids = torch.randint(0, 1000, (1, 4096), device="cuda")
     o_k, l_k, g_k = fwd_bwd(model, ids, "kernel")
     o_t, l_t, g_t = fwd_bwd(model, ids, "torch")
-    for (i, a), (_, b) in zip(o_k.kept_indices, o_t.kept_indices):
+    for (i, a), (_, b) in zip(prompt_positions(o_k.kept_indices), prompt_positions(o_t.kept_indices)):
         assert torch.equal(a, b), f"kept indices differ at layer {i}"
     # fp32 budget of mamba-ssm's own kernel tests (rtol 6e-4, atol 2e-3); gradients: relative
     # norm error 1e-3 (sums over 4K tokens in different orders)
@@ -63,7 +64,7 @@ def test_kernel_equals_torch_bf16_autocast(deci):
     o_ref, l_ref, g_ref = fwd_bwd(model, ids, "torch")                  # fp32 reference
     o_k, l_k, g_k = fwd_bwd(model, ids, "kernel", autocast=True)
     o_t, l_t, g_t = fwd_bwd(model, ids, "torch", autocast=True)
-    for (_, a), (_, b) in zip(o_k.kept_indices, o_t.kept_indices):
+    for (_, a), (_, b) in zip(prompt_positions(o_k.kept_indices), prompt_positions(o_t.kept_indices)):
         shared = len(set(a.tolist()) & set(b.tolist())) / len(b)
         assert shared >= 0.98, shared                                     # only boundary flips
     # each bf16 path on its own against fp32 (budgets above)

@@ -462,3 +462,33 @@ def test_kernel_dispatch_runs_int32_overflowing_sequences_in_exact_segments(monk
                                   t["D"], t["z"], t["h0"])
     torch.testing.assert_close(y, want, **FP64)
     torch.testing.assert_close(last, want_last, **FP64)
+
+
+def test_conv_kernel_gets_only_layouts_causal_conv1d_accepts(monkeypatch):
+    # causal-conv1d reads a channel-last view (in_proj's rows) only when stride(0) and stride(2) are
+    # multiples of 8; d_model 128 with 2 groups × d_state 128 gives rows of 1,028 (on the H200 it raised).
+    # Stand-in kernels: a conv that enforces that rule, then computes the causal conv in torch, and the
+    # torch SSD scan; the mixer's output must equal its torch path.
+    from modules import kernels
+
+    def fake_conv(x, weight, bias=None, activation=None):
+        if x.stride(1) == 1 and x.stride(2) > 1:
+            assert x.stride(0) % 8 == 0 and x.stride(2) % 8 == 0, x.stride()
+        y = F.conv1d(x, weight.unsqueeze(1), bias, padding=weight.shape[1] - 1, groups=x.shape[1])[..., :x.shape[2]]
+        return F.silu(y)
+
+    def fake_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
+                  dt_softplus=False, dt_limit=None, return_final_states=False):
+        return ssd_scan_ref(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus,
+                            dt_limit, return_final_states)
+
+    torch.manual_seed(0)
+    mixer = Mamba2Mixer(128, d_state=128, ngroups=2, headdim=64, chunk_size=16, layer_idx=0, use_mem_eff_path=False)
+    assert mixer.in_proj.out_features == 1028
+    hidden = torch.randn(2, 40, 128)
+    mixer.backend = "torch"
+    want = mixer(hidden)[0]
+    monkeypatch.setattr(kernels, "use_ssd_kernels", lambda backend, t: True)
+    monkeypatch.setattr(kernels, "causal_conv1d_fn", fake_conv)
+    monkeypatch.setattr(kernels, "mamba_chunk_scan_combined", fake_scan)
+    torch.testing.assert_close(mixer(hidden)[0], want, rtol=1e-5, atol=1e-5)   # same fp32 ops, reordered
