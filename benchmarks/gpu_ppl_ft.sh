@@ -13,6 +13,8 @@
 #       once and stop at max_step or at END_S * 3/5 (SIGTERM -> checkpoint); each is then evaluated at the last step
 #       both reached (a checkpoint every 50 steps), vanilla, DeciMamba, and the vanilla fine-tune with decimation.
 #       Each fine-tune's step-0 evaluation is the pretrained LM on the test books (vanilla / with decimation).
+#       FT_DECI_SET='--set key=value ...' changes the DeciMamba arm's training only (its run is named after it): at
+#       L_base >= 1,000 the presets' recipe drops no token in training (reference limitation L4).
 # Back in $OUT each time: logs.tgz (logs, train logs, results, commands.txt). Call with DECIMAMBA_COMMIT=<the commit>
 # (the device copy's .git is stale). Run it alone on the GPU (beside a pretraining and other trainers an arm ran out
 # of memory: the fp32 logits of 16 x 2,000 tokens x 50K vocabulary are 6 GB); `ft` refuses to start without the
@@ -97,16 +99,18 @@ python3 custom_datasets/tokenize_corpus.py --split train --pg19 --out $CORPUS .d
 rm -rf $PG; mkdir -p $PG; ln -s $CORPUS/pg19_train/train_set.pt $PG/; ln -s $CORPUS/pg19_test/test_set.pt $PG/
 echo "$(el) s: train books in ppl_test format ($(du -hL $PG/train_set.pt | cut -f1))" >> "$L/commands.txt"
 run ftppl_vanilla "${BASE[@]}" "${FT[@]}"
-run ftppl_deci "${BASE[@]}" "${FT[@]}" "${DECI[@]}"
+read -ra TRAIN_DECI <<< "${FT_DECI_SET:-}"   # e.g. '--set decimation_max_p_L_base=500': decimation that acts in training
+FD=ftppl_deci${FT_DECI_SET:+_$(echo "$FT_DECI_SET" | tr -c 'A-Za-z0-9\n' _ | sed 's/__*/_/g; s/^_//; s/_$//')}
+run $FD "${BASE[@]}" "${FT[@]}" "${DECI[@]}" "${TRAIN_DECI[@]}"
 FTP=$PIDS; wait_until $(( END * 3 / 5 )) $FTP
 stop_all $FTP
 echo "fine-tunes stopped at $(el) s" >> "$L/commands.txt"
-S=$(comm -12 <(steps_of $RUNS/ftppl_vanilla | sort) <(steps_of $RUNS/ftppl_deci | sort) | sort -n | tail -1)
+S=$(comm -12 <(steps_of $RUNS/ftppl_vanilla | sort) <(steps_of $RUNS/$FD | sort) | sort -n | tail -1)
 echo "last step both fine-tunes reached: ${S:-none}" >> "$L/commands.txt"
 PIDS=""; NAMES=""
 if [ -n "$S" ]; then
-  WV=$(ls -d $RUNS/ftppl_vanilla/epoch_*_step_$S); WD=$(ls -d $RUNS/ftppl_deci/epoch_*_step_$S)
-  evals ft_vanilla_s$S "$WV"; evals ft_deci_s$S "$WD" "${DECI[@]}"; evals ft_vanilla_deci_s$S "$WV" "${DECI[@]}"
+  WV=$(ls -d $RUNS/ftppl_vanilla/epoch_*_step_$S); WD=$(ls -d $RUNS/$FD/epoch_*_step_$S)
+  evals ft_vanilla_s$S "$WV"; evals ft_${FD#ftppl_}_s$S "$WD" "${DECI[@]}"; evals ft_vanilla_deci_s$S "$WV" "${DECI[@]}"
 fi
 evals base_vanilla $W0; evals base_deci $W0 "${DECI[@]}"   # those prep did not finish
 finish_evals; pack
