@@ -167,9 +167,25 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     (b, d, n, fp32) if ``return_last_state``. The state is always carried in fp32.
     """
     f = torch.promote_types(u.dtype, torch.float32)   # fp32 compute (fp64 stays fp64 for gradcheck)
+    return _around_core(_ScanFn, f, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                        initial_state)
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          return_last_state=False, initial_state=None):
+    """``selective_scan_ref`` with its core scan in Triton, forward and backward
+    (modules.triton_scan_bwd): training on a GPU without mamba-ssm. B, C: (b, n, l); fp32 compute."""
+    from modules.triton_scan_bwd import TritonScanFn
+    return _around_core(TritonScanFn, torch.float32, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                        return_last_state, initial_state)
+
+
+def _around_core(core, f, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state):
+    """Step size, the core scan ``core.apply`` (an autograd Function giving y and the last state) in
+    dtype f, then D and the gate (autograd through torch ops), output in u's dtype."""
     delta = _step_size(delta, delta_bias, delta_softplus, f)
     h0 = None if initial_state is None else initial_state.to(f)
-    y, last = _ScanFn.apply(u.to(f), delta, A.to(f), B.to(f), C.to(f), h0)
+    y, last = core.apply(u.to(f), delta, A.to(f), B.to(f), C.to(f), h0)
     out = _skip_and_gate(y, u, D, z, u.dtype)
     return (out, last) if return_last_state else out
 
@@ -243,9 +259,9 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 # Which scan serves CUDA calls: "mamba_ssm" (its selective_scan_fn, plus the initial-state
-# correction), "triton" (modules.triton_scan: forward only, so calls that need a gradient still go
-# to mamba-ssm) or "torch" (selective_scan_ref). The environment variable DECIMAMBA_SCAN overrides
-# the default, read at each call.
+# correction), "triton" (modules.triton_scan's forward; a call that needs a gradient runs the same
+# forward and modules.triton_scan_bwd's backward: no compiled mamba-ssm needed) or "torch"
+# (selective_scan_ref). The environment variable DECIMAMBA_SCAN overrides the default, read at each call.
 SCAN_IMPLS = ("mamba_ssm", "triton", "torch")
 DEFAULT_SCAN_IMPL = "mamba_ssm"
 
@@ -276,6 +292,12 @@ def _triton_serves(u, A, B, C, tensors) -> bool:
     return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
 
+def _triton_trains(u, A, B, C) -> bool:
+    """The Triton forward and backward take a call that wants a gradient: CUDA, real A, n <= 64, B, C (b, n, l)."""
+    return (u.is_cuda and _triton_scan() is not None and not A.is_complex() and A.shape[1] <= 64
+            and B.dim() == 3 and C.dim() == 3)
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, initial_state=None, backend="auto"):
     """Dispatcher: on CUDA, the scan chosen by ``scan_impl()`` when allowed and possible, else
@@ -288,6 +310,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     impl = scan_impl() if backend != "torch" else "torch"
     if impl == "triton" and _triton_serves(u, A, B, C, (u, delta, A, B, C, D, z, delta_bias, initial_state)):
         return _triton_scan()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
+    if impl == "triton" and _triton_trains(u, A, B, C):
+        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                     initial_state)
     if impl == "torch" or not kernels.use_kernels(backend, u):
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
     u, delta, z = (None if t is None else _aligned(t) for t in (u, delta, z))
