@@ -13,7 +13,7 @@ from custom_datasets.tokenize_corpus import main as tokenize_main
 from engine import results
 from engine.results import weights_digest
 from models import MambaConfig, MambaLMHeadModel
-from tests.helpers import randomize
+from tests.helpers import one_line_stderr, randomize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -68,3 +68,53 @@ def test_json_is_public_and_self_consistent(tmp_path, corpus, named_commit):
     assert 0 < first < int(np.argmax(dist))
     assert {"tokens", "windows", "channels", "global_frac", "mean_distance", "per_window",
             "first_global_layer"} <= set(res)
+
+
+def test_missing_model_folder_is_one_line_naming_it(tmp_path, corpus, capsys):
+    missing = tmp_path / "no_model_here"
+    assert md.main(["--model", str(missing), "--corpus", str(corpus), "--device", "cpu"]) == 1
+    one_line_stderr(capsys, "error:", "--model", str(missing))
+
+
+def test_corpus_without_the_split_is_one_line_naming_it(tmp_path, corpus, capsys):
+    (tmp_path / "m").mkdir()
+    assert md.main(["--model", str(tmp_path / "m"), "--corpus", str(corpus), "--split", "test",
+                    "--device", "cpu"]) == 1
+    one_line_stderr(capsys, "error:", str(corpus), "--split test", "splits there: validation")
+
+
+def test_missing_corpus_folder_is_one_line_naming_it(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    missing = tmp_path / "no_corpus_here"
+    assert md.main(["--model", str(tmp_path / "m"), "--corpus", str(missing), "--device", "cpu"]) == 1
+    one_line_stderr(capsys, "error:", "--corpus", str(missing))
+
+
+@pytest.mark.parametrize("opt,value", [("--windows", "0"), ("--tokens", "abc"), ("--channels", "-3")])
+def test_bad_number_is_one_line(opt, value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        md.main(["--model", "m", "--corpus", "c", opt, value])
+    assert exc.value.code == 2
+    one_line_stderr(capsys, "error:", opt, value)
+
+
+@pytest.mark.parametrize("value", ["0", "1.5"])
+def test_global_frac_outside_0_1_is_one_line(tmp_path, value, capsys):
+    assert md.main(["--model", str(tmp_path), "--corpus", str(tmp_path), "--global-frac", value]) == 1
+    one_line_stderr(capsys, "error:", "--global-frac", value, "(0, 1]")
+
+
+def test_corpus_shorter_than_a_window_is_one_line(tmp_path, corpus, capsys):
+    cfg = MambaConfig(d_model=16, n_layer=2, vocab_size=50277, ssm_cfg={"d_state": 4}, pad_vocab_size_multiple=8)
+    MambaLMHeadModel(cfg).save_pretrained(str(tmp_path / "m"))
+    assert md.main(["--model", str(tmp_path / "m"), "--corpus", str(corpus), "--tokens", "100000",
+                    "--device", "cpu"]) == 1
+    one_line_stderr(capsys, "error:", "--tokens 100000")
+
+
+def test_corpus_of_another_vocabulary_is_one_line(tmp_path, corpus, capsys):
+    cfg = MambaConfig(d_model=16, n_layer=2, vocab_size=61, ssm_cfg={"d_state": 4}, pad_vocab_size_multiple=8)
+    MambaLMHeadModel(cfg).save_pretrained(str(tmp_path / "m"))
+    assert md.main(["--model", str(tmp_path / "m"), "--corpus", str(corpus), "--tokens", "48",
+                    "--device", "cpu"]) == 1
+    one_line_stderr(capsys, "error:", str(corpus), "64 embeddings")

@@ -17,6 +17,7 @@ the commit honours DECIMAMBA_COMMIT, engine/results.code_commit).
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -29,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import machine  # noqa: E402
 from custom_datasets.debug_params import load_recorded, record_prompt_params  # noqa: E402
 from custom_datasets.lm_corpus import split_tokens, window_starts  # noqa: E402
+from engine.errors import cli_main  # noqa: E402
 from engine.results import code_commit, weights_digest  # noqa: E402
 from models import MambaLMHeadModel  # noqa: E402
 from modules.hidden_attention import default_channels, hidden_attention  # noqa: E402
@@ -46,21 +48,66 @@ def layer_mean_distance(layer: dict, channels: list[int]) -> float:
     return float(md[:, length // 2:].mean())
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="checkpoint directory")
-    ap.add_argument("--corpus", required=True, help="lm_corpus_dir")
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):          # one line, not usage + error (as tools/state_horizon.py)
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def parse_args(argv):
+    ap = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint folder (config.json + model.safetensors)")
+    ap.add_argument("--corpus", required=True,
+                    help="lm_corpus_dir of tokenized shards (custom_datasets/tokenize_corpus.py)")
     ap.add_argument("--split", default="validation")
-    ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--windows", type=int, default=4)
-    ap.add_argument("--channels", type=int, default=16)
-    ap.add_argument("--global-frac", type=float, default=0.5)
+    ap.add_argument("--tokens", type=_positive_int, default=2048)
+    ap.add_argument("--windows", type=_positive_int, default=4)
+    ap.add_argument("--channels", type=_positive_int, default=16)
+    ap.add_argument("--global-frac", type=float, default=0.5, help="in (0, 1]")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None, help="JSON file to write")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def check_inputs(args) -> None:
+    """Bad settings and missing folders end as one line naming them (cli_main), before any work."""
+    if not 0 < args.global_frac <= 1:
+        raise ValueError(f"--global-frac {args.global_frac}: must be in (0, 1]")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r}: expected 'cpu', 'cuda' or 'cuda:<n>'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA GPU here; use --device cpu")
+    if not os.path.isdir(args.model):
+        raise FileNotFoundError(f"--model {args.model}: no such folder (pass a folder holding config.json and "
+                                f"model.safetensors)")
+    if not os.path.isdir(args.corpus):
+        raise FileNotFoundError(f"--corpus {args.corpus}: no such folder (pass an lm_corpus_dir written by "
+                                f"custom_datasets/tokenize_corpus.py)")
+    if not glob.glob(os.path.join(args.corpus, f"{args.split}.*.bin")):
+        have = sorted({name.split(".")[0] for name in os.listdir(args.corpus) if name.endswith(".bin")})
+        raise FileNotFoundError(f"--corpus {args.corpus} has no shards of --split {args.split} "
+                                f"(splits there: {', '.join(have) or 'none'})")
+
+
+def run(args, argv) -> int:
+    check_inputs(args)
     model = MambaLMHeadModel.from_pretrained(args.model, device=args.device, dtype=torch.float32)
     toks = split_tokens(args.corpus, args.split)
+    vocab = model.backbone.embedding.weight.shape[0]
+    if toks.size and int(toks.max()) >= vocab:
+        raise ValueError(f"--corpus {args.corpus}: token id {int(toks.max())} but the model has {vocab} "
+                         f"embeddings (tokenized with another vocabulary?)")
     starts = window_starts(len(toks), args.tokens, args.windows)
     channels = default_channels(model.backbone.layers[0].mixer.d_inner, args.channels)
     per_layer = np.zeros((args.windows, model.config.n_layer))
@@ -85,6 +132,11 @@ def main(argv=None) -> int:
             json.dump(result, f, indent=1)
     print(f"first_global_layer={first}")
     return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return cli_main(run, parse_args(argv), argv)
 
 
 if __name__ == "__main__":
