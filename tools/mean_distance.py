@@ -34,6 +34,7 @@ from engine.errors import cli_main  # noqa: E402
 from engine.results import code_commit, weights_digest  # noqa: E402
 from models import MambaLMHeadModel  # noqa: E402
 from modules.hidden_attention import default_channels, hidden_attention  # noqa: E402
+from tools.cli import OneLineParser, positive_int  # noqa: E402
 from tools.provenance import public_command, public_path  # noqa: E402
 
 PATH_OPTIONS = {"--model": "<model>", "--corpus": "<corpus>", "--out": "<out>"}
@@ -48,30 +49,15 @@ def layer_mean_distance(layer: dict, channels: list[int]) -> float:
     return float(md[:, length // 2:].mean())
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):          # one line, not usage + error (as tools/state_horizon.py)
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
-
-
 def parse_args(argv):
-    ap = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="checkpoint folder (config.json + model.safetensors)")
     ap.add_argument("--corpus", required=True,
                     help="lm_corpus_dir of tokenized shards (custom_datasets/tokenize_corpus.py)")
     ap.add_argument("--split", default="validation")
-    ap.add_argument("--tokens", type=_positive_int, default=2048)
-    ap.add_argument("--windows", type=_positive_int, default=4)
-    ap.add_argument("--channels", type=_positive_int, default=16)
+    ap.add_argument("--tokens", type=positive_int, default=2048)
+    ap.add_argument("--windows", type=positive_int, default=4)
+    ap.add_argument("--channels", type=positive_int, default=16)
     ap.add_argument("--global-frac", type=float, default=0.5, help="in (0, 1]")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None, help="JSON file to write")

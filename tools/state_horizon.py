@@ -52,6 +52,7 @@ from custom_datasets.sources import GPT_NEOX, load_tokenizer  # noqa: E402
 from engine.errors import BadFileError, cli_main  # noqa: E402
 from engine.results import weights_digest  # noqa: E402
 from models import MambaLMHeadModel  # noqa: E402  (as tools/mean_distance.py loads --model)
+from tools.cli import OneLineParser, positive_int  # noqa: E402
 from tools.provenance import public_command, public_path  # noqa: E402
 
 THRESHOLDS = (2048, 131072, 1048576)          # tokens: the 2K pretraining length, 128K, 1M
@@ -200,23 +201,8 @@ def print_table(rows: list[dict], whole: dict) -> None:
     print(f"{'all':>5} | {cells(whole['mean'])} | {cells(whole['p1'])}")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):          # one line, not usage + error
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
-
-
 def parse_args(argv):
-    ap = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="checkpoint folder (config.json + model.safetensors)")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--corpus", help="lm_corpus_dir of tokenized shards (custom_datasets/tokenize_corpus.py)")
@@ -225,8 +211,8 @@ def parse_args(argv):
     ap.add_argument("--tokenizer", default=None,
                     help="for --text: tokenizer.json or a folder holding one; default: the model folder's, "
                          "else the bundled GPT-NeoX-20B")
-    ap.add_argument("--tokens", type=_positive_int, default=2048, help="tokens per window")
-    ap.add_argument("--windows", type=_positive_int, default=2, help="windows, evenly spaced over the text")
+    ap.add_argument("--tokens", type=positive_int, default=2048, help="tokens per window")
+    ap.add_argument("--windows", type=positive_int, default=2, help="windows, evenly spaced over the text")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None, help="JSON file to write")
     return ap.parse_args(argv)
