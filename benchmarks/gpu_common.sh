@@ -1,7 +1,19 @@
 # Shared by the device scripts (gpu_repro.sh, gpu_passkey.sh, gpu_ppl_ft.sh): source it first thing.
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }           # seconds since the script started
 latest() { ls -d "$1"/epoch_*_step_* 2>/dev/null | awk -F_ '{print $NF, $0}' | sort -n | tail -1 | cut -d' ' -f2; }  # RUN's last checkpoint
-have_kernels() { python3 -c 'import torch, selective_scan_cuda, causal_conv1d_cuda' 2>/dev/null; }
+# DECIMAMBA_SCAN=triton: the Mamba-1 scan runs in Triton, forward and backward (modules/triton_scan*.py), the conv
+# in torch: no compiled kernel is needed, so none is built; otherwise the kernels are mamba-ssm and causal-conv1d.
+triton_mode() { [ "${DECIMAMBA_SCAN:-}" = triton ]; }
+have_kernels() {
+  if triton_mode; then python3 -c 'import triton' 2>/dev/null
+  else python3 -c 'import torch, selective_scan_cuda, causal_conv1d_cuda' 2>/dev/null; fi
+}
+build_bg() {  # DEVICE_DIR LOG: the kernel build (../shared/device/build_kernels.sh) in the background, pid BUILD;
+  BUILD=""    # under DECIMAMBA_SCAN=triton nothing is built (BUILD stays empty: alive/wait_until return at once)
+  if triton_mode; then echo "DECIMAMBA_SCAN=triton: no kernel build" > "$2"; return; fi
+  (MAX_JOBS=14 bash "$1"/build_kernels.sh "$1" > "$2" 2>&1; echo "build ended at $(el) s" >> "$2") >/dev/null 2>&1 &
+  BUILD=$!
+}
 alive() { local p; for p in "$@"; do kill -0 $p 2>/dev/null && return 0; done; return 1; }
 wait_until() { local t=$1; shift; while alive "$@" && [ $(el) -lt $t ]; do sleep 5; done; }   # DEADLINE PID...
 stop_all() {  # PID...: SIGTERM (a trainer saves its checkpoint), 60 s to finish, then SIGKILL

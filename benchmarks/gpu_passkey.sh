@@ -84,13 +84,13 @@ LENS='[1000,2000,4000,8000,16000,32000,64000,128000]'; LENS512='[512,1000,2000,4
 case $STAGE in
   ft)
     take_pretrained
-    (MAX_JOBS=14 bash .device/build_kernels.sh "$ROOT"/.device > "$L/build.log" 2>&1; echo "build ended at $(el) s" >> "$L/build.log") >/dev/null 2>&1 &
-    BUILD=$!
+    build_bg "$ROOT"/.device "$L/build.log"
     ft_all $ARMS2K
     wait_until $(( END - 60 )) $BUILD
-    if have_kernels; then ft_stop; echo "resume on the kernels at $(el) s" >> "$L/commands.txt"; ft_all $ARMS2K
+    if triton_mode; then :                     # already on the Triton scan: no restart
+    elif have_kernels; then ft_stop; echo "resume on the kernels at $(el) s" >> "$L/commands.txt"; ft_all $ARMS2K
     else echo "the kernels did not build by $(el) s (build.log): the next call must build them again" >> "$L/commands.txt"; fi
-    wait_until $(( END - 40 )) $FTP; ft_stop; pkill -P $BUILD 2>/dev/null; kill $BUILD 2>/dev/null; ship ;;
+    wait_until $(( END - 40 )) $FTP; ft_stop; [ -n "$BUILD" ] && { pkill -P $BUILD; kill $BUILD; } 2>/dev/null; ship ;;
   grids)
     [ -f $W0/model.safetensors ] && [ -n "$(latest $RUNS/ft_vanilla)" ] || { echo "grids runs on the ft call's machine (no $RUNS/ft_vanilla checkpoint here)"; exit 1; }
     have_kernels || echo "no kernels on this machine: the torch path runs (128K and longer will not finish)" >> "$L/commands.txt"

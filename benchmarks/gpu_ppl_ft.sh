@@ -40,8 +40,7 @@ if [ $STAGE = prep ]; then
   rm -rf $W0; mkdir -p $W0 && cp "$P"/config.json $W0/ || { echo "no pretrained model at '$P' (config.json)"; exit 1; }
   if [ -f "$P/model.safetensors.xz" ]; then xz -dc "$P/model.safetensors.xz" > $W0/model.safetensors   # xz: 29% smaller to carry
   else cp "$P"/model.safetensors $W0/ || { echo "no pretrained weights at '$P' (model.safetensors[.xz])"; exit 1; }; fi
-  (MAX_JOBS=14 bash .device/build_kernels.sh .device > "$L/build.log" 2>&1; echo "build ended at $(el) s" >> "$L/build.log") &
-  BUILD=$!
+  build_bg .device "$L/build.log"
   for s in test validation; do
     python3 custom_datasets/tokenize_corpus.py --split $s --pg19 --out $CORPUS .data/gutenberg/$s.tar.xz > "$L/tokenize_$s.log" 2>&1 ||
       { echo "tokenizing the $s books failed (tokenize_$s.log)"; tail -3 "$L/tokenize_$s.log"; }

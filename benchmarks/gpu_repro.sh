@@ -62,12 +62,11 @@ ship() {  # latest pretrained weights (bf16 export) + logs into $OUT
 }
 case $STAGE in
   pretrain)
-    (MAX_JOBS=14 bash "$ROOT"/.device/build_kernels.sh "$ROOT"/.device > "$L/build.log" 2>&1; echo "build ended at $(el) s" >> "$L/build.log") &
-    BUILD=$!
+    build_bg "$ROOT"/.device "$L/build.log"
     tokenize; echo "tokenized at $(el) s" >> "$L/tokenize.log"
     train
-    while kill -0 $BUILD 2>/dev/null && [ $(el) -lt $(( END - 60 )) ]; do sleep 5; done
-    if have_kernels && kill -0 $TRAIN 2>/dev/null; then stop_train; train; fi
+    wait_until $(( END - 60 )) $BUILD
+    if ! triton_mode && have_kernels && kill -0 $TRAIN 2>/dev/null; then stop_train; train; fi
     while kill -0 $TRAIN 2>/dev/null && [ $(el) -lt $(( END - 40 - MDT )) ]; do sleep 5; done
     stop_train; ship ;;
   more)

@@ -85,12 +85,19 @@ def cell_groups(task, cells):
 
 
 def resolved_backend(backend: str, device) -> str:
-    """The scan path that runs: 'auto' is 'kernel' on CUDA with the kernels importable, else 'torch'."""
-    if backend != "auto":
-        return backend
+    """The path that runs: 'auto' is 'kernel' on CUDA with the kernels importable, else 'torch'; on CUDA
+    under DECIMAMBA_SCAN=triton the Mamba-1 scan is Triton's: 'triton_scan' ('kernel+triton_scan' beside
+    the other kernels)."""
     from modules.kernels import HAS_KERNELS
+    from modules.selective_scan import scan_impl
 
-    return "kernel" if HAS_KERNELS and torch.device(device).type == "cuda" else "torch"
+    if backend == "torch":
+        return "torch"
+    cuda = torch.device(device).type == "cuda"
+    path = backend if backend != "auto" else ("kernel" if HAS_KERNELS and cuda else "torch")
+    if cuda and scan_impl() == "triton":
+        return "kernel+triton_scan" if path == "kernel" else "triton_scan"
+    return path
 
 
 def eval_identity(task, model, cfg, device, checkpoint: str, step: int, weights: str | None = None) -> tuple[dict, dict]:

@@ -143,3 +143,21 @@ def test_training_step_on_triton_equals_torch_path(monkeypatch):
     for n, g in res["torch"][1].items():
         err = ((res["triton"][1][n] - g).norm() / g.norm().clamp_min(1e-30)).item()
         assert err < 1e-3, (n, err)                 # relative norm; sums over 4K tokens, 2 layers
+
+
+@pytest.mark.parametrize("backend,device,scan,kernels,want", [
+    ("torch", "cuda", "triton", True, "torch"),
+    ("auto", "cpu", "triton", True, "torch"),
+    ("auto", "cuda", "triton", False, "triton_scan"),
+    ("auto", "cuda", "triton", True, "kernel+triton_scan"),
+    ("auto", "cuda", "", True, "kernel"),
+    ("auto", "cuda", "", False, "torch"),
+])
+def test_results_name_the_scan_that_ran(monkeypatch, backend, device, scan, kernels, want):
+    # a record's "backend" must say when the Triton scan ran instead of mamba-ssm's or the torch path
+    from engine.evaluate import resolved_backend
+    from modules import kernels as kmod
+
+    monkeypatch.setenv("DECIMAMBA_SCAN", scan)
+    monkeypatch.setattr(kmod, "HAS_KERNELS", kernels)
+    assert resolved_backend(backend, device) == want
