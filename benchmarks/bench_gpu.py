@@ -194,10 +194,19 @@ def profile_rows(impls, args, out):
 
 
 def train_rows(impls, args, rows, out):
-    for name in ("ours_vanilla", "ours_deci", "mamba_ssm"):
-        if name not in impls or time.time() > args.deadline:
+    # ours_vanilla_triton_scan: DECIMAMBA_SCAN=triton and no fused mamba_inner_fn, so the scan's forward and
+    # backward run in Triton (modules/triton_scan*.py), what trains on a machine without compiled mamba-ssm
+    for name in ("ours_vanilla", "ours_vanilla_triton_scan", "ours_deci", "mamba_ssm"):
+        base = name.replace("_triton_scan", "")
+        if base not in impls or time.time() > args.deadline:
             continue
-        model = impls[name].to("cuda", torch.float32).train()
+        model = impls[base].to("cuda", torch.float32).train()
+        triton_scan = name.endswith("_triton_scan")
+        scan_env = os.environ.get("DECIMAMBA_SCAN", "")
+        os.environ["DECIMAMBA_SCAN"] = "triton" if triton_scan else scan_env
+        for layer in getattr(getattr(model, "backbone", None), "layers", []):
+            if hasattr(layer.mixer, "use_fast_path"):
+                layer.mixer.use_fast_path = not triton_scan
         ids = torch.randint(0, 50277, (8, 2048), device="cuda")
 
         def step():
@@ -207,6 +216,7 @@ def train_rows(impls, args, rows, out):
         t, mem = measure(step, reps=3)
         model.zero_grad(set_to_none=True)
         model.to("cpu")
+        os.environ["DECIMAMBA_SCAN"] = scan_env
         rows.append({"impl": f"train_step_{name}", "dtype": "bf16-autocast", "tokens": 8 * 2048, "seconds": t,
                      "peak_GB": mem, "tok_per_s": None if t is None else round(8 * 2048 / t)})
         print(rows[-1], flush=True)
