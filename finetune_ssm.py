@@ -193,6 +193,34 @@ def check_checkpoint_depth(cfg) -> None:
                      f"that suits it{trained}, or --set activate_decimation=false to evaluate it without decimation")
 
 
+def check_squad_split(cfg) -> None:
+    """Evaluating a SQuAD fine-tune on the file it was trained on: the evaluation must hold out the titles
+    its training held out (its run config says how many), else it scores questions the model trained on."""
+    cp = cfg["load_cp"]
+    if not (cfg["eval_mode"] and cfg["dataset"] == "squad_retrieve" and cp and os.path.isdir(cp)):
+        return
+    try:
+        with open(os.path.join(cp, ckpt.RUN_CONFIG)) as f:
+            rc = json.load(f)
+    except (OSError, ValueError):
+        return                                   # no record of its training: nothing to check against
+    if not isinstance(rc, dict) or rc.get("dataset") != "squad_retrieve" or rc.get("eval_mode"):
+        return
+    trained = rc.get("squad_train_source")
+    source = cfg["squad_eval_source"]
+    if not (isinstance(trained, str) and trained.endswith(".json") and source.endswith(".json")
+            and os.path.realpath(trained) == os.path.realpath(source)):
+        return                                   # evaluated on another file than it trained on
+    held = rc.get("squad_heldout_titles", 0)
+    if held and cfg["squad_heldout_titles"] == held:
+        return
+    fix = (f"pass --set squad_heldout_titles={held}" if held else
+           "it trained on every question of that file: evaluate it on another file (squad_eval_source)")
+    raise UsageError(f"checkpoint {cp!r} was fine-tuned on {source!r} with squad_heldout_titles={held}; evaluating "
+                     f"it there with squad_heldout_titles={cfg['squad_heldout_titles']} would score questions it "
+                     f"trained on: {fix}")
+
+
 # ---------------------------------------------------------------------------- model
 def build_model(cfg, tok, device, weights=None):
     cls = DecimatingMambaModel if cfg["mamba_arch"] == "deci" else MambaLMHeadModel
@@ -287,6 +315,7 @@ def run(args) -> int:
     cfg, notes, source = resolve_config(args)
     print(f"config: {source} (precedence: schema defaults <- file <- --set <- --device)")
     check_checkpoint_depth(cfg)
+    check_squad_split(cfg)
     if args.dry_run:
         print(json.dumps(cfg, indent=2))
         for note in notes:

@@ -226,7 +226,7 @@ def validate(cfg: dict, source: str = "config") -> list[str]:
         notes.append("decimation_* keys and decimating_layers are inert (decimation off)")
     if cfg["dataset"] == "squad_retrieve" and cfg["eval_mode"] and _same_squad_source(cfg) and not cfg["squad_heldout_titles"]:
         notes.append("squad_heldout_titles is 0: every question of the file is evaluated; for a checkpoint fine-tuned on "
-                     "this file, set the squad_heldout_titles it was trained with")
+                     "this file, set the squad_heldout_titles it was trained with (a local checkpoint's run config is checked)")
     notes.append("use_finetuned_model and train_set_size are unused (kept for compatibility)")
     return notes
 

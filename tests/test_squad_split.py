@@ -91,3 +91,52 @@ def test_impossible_splits_name_the_value(tmp_path, held, docs, train_docs, why)
     with pytest.raises(ValueError, match=why):
         SquadRetrieveTask(cfg(path, squad_heldout_titles=held, multidoc_num_noise_docs_eval=docs,
                               multidoc_num_noise_docs_train=train_docs), load_tokenizer(BUNDLED_TOKENIZER))
+
+
+def _trained_checkpoint(tmp_path, train_source, held):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "finetune_ssm_config.json").write_text(json.dumps({
+        "dataset": "squad_retrieve", "eval_mode": False, "squad_train_source": train_source,
+        "squad_eval_source": train_source, "squad_heldout_titles": held}))
+    return str(ck)
+
+
+@pytest.mark.parametrize("trained_held,eval_held,ok", [(2, 2, True), (2, 0, False), (2, 3, False), (0, 0, False)])
+def test_evaluating_a_fine_tune_on_its_own_file_holds_out_what_it_held_out(tmp_path, trained_held, eval_held, ok):
+    import finetune_ssm
+
+    path = squad_file(tmp_path)
+    conf = cfg(path, eval_mode=True, load_cp=_trained_checkpoint(tmp_path, path, trained_held),
+               squad_heldout_titles=eval_held)
+    if ok:
+        finetune_ssm.check_squad_split(conf)
+        return
+    with pytest.raises(finetune_ssm.UsageError) as err:
+        finetune_ssm.check_squad_split(conf)
+    msg = str(err.value)
+    assert f"squad_heldout_titles={trained_held}" in msg and "questions it trained on" in msg
+    assert (f"--set squad_heldout_titles={trained_held}" in msg) if trained_held else ("another file" in msg)
+
+
+def test_a_fine_tune_evaluated_on_another_file_is_not_checked(tmp_path):
+    import finetune_ssm
+
+    other = tmp_path / "other"
+    other.mkdir()
+    conf = cfg(squad_file(tmp_path), eval_mode=True, squad_heldout_titles=0,
+               load_cp=_trained_checkpoint(tmp_path, squad_file(other), 0))
+    finetune_ssm.check_squad_split(conf)                    # trained on other/squad.json, evaluated on squad.json
+
+
+def test_the_command_line_refuses_in_one_line(tmp_path, capsys):
+    import finetune_ssm
+    from tests.helpers import one_line_stderr
+
+    path = squad_file(tmp_path)
+    ck = _trained_checkpoint(tmp_path, path, 2)
+    sets = ["dataset=squad_retrieve", f"squad_train_source={path}", f"squad_eval_source={path}", "eval_mode=true",
+            f"load_cp={ck}", "eval_set_size=4", "multidoc_num_noise_docs_eval=[2]"]
+    rc = finetune_ssm.main(["--dry-run", "--device", "cpu", *[a for s in sets for a in ("--set", s)]])
+    assert rc == 1
+    one_line_stderr(capsys, "squad_heldout_titles=2", "--set squad_heldout_titles=2")
