@@ -178,3 +178,20 @@ def prompt_positions(kept_indices):
         pos = idx if pos is None else pos[idx]
         out.append((layer, pos))
     return out
+
+
+def run_in_interpreter(module: str, call: str, timeout: int = 900) -> str:
+    """Run ``from <module> import ...; <call>`` of a tests/ module in a fresh process with Triton's
+    interpreter on (TRITON_INTERPRET=1 must be set before Triton compiles anything); assert it exits 0
+    and return its stdout."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    name = call.split("(")[0]
+    code = f"import sys; sys.path.insert(0, 'tests'); from {module} import {name}; {call}"
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    return res.stdout

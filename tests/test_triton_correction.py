@@ -4,16 +4,12 @@ Runs on a GPU, or on CPU in Triton's interpreter (a subprocess with TRITON_INTER
 be set before Triton compiles anything; ~40 s on 2 cores). requirements-dev.txt installs Triton on
 Linux for this (torch's CPU wheel does not bring it); skipped where it is not installed.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from tests.helpers import run_in_interpreter
 
 pytest.importorskip("triton")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def check(device: str, d: int = 37, l: int = 5000) -> None:
@@ -51,10 +47,7 @@ def test_triton_correction_gpu():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test runs the compiled kernels")
 def test_triton_correction_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     # 20 channels and 4200 tokens: the same cases (a partial channel block, 3 segments, the last
     # partial) in 12 programs instead of 18, so the interpreter takes ~35 s instead of ~55 s
-    code = "import sys; sys.path.insert(0, 'tests'); from test_triton_correction import check; check('cpu', 20, 4200)"
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    assert res.stdout.count("ok") == 3
+    out = run_in_interpreter("test_triton_correction", "check('cpu', 20, 4200)", timeout=600)
+    assert out.count("ok") == 3

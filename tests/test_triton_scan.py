@@ -8,18 +8,14 @@ the polynomial exps (POLY_EXP) beside the exact ones. On a GPU:
 the compiled kernels at 4K-20K tokens, against mamba-ssm's selective_scan_fn, and at 1M tokens
 with b·d·l > 2^31. Skipped where Triton is not installed.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from tests.conftest import requires_cuda, requires_kernels
+from tests.helpers import run_in_interpreter
 
 pytest.importorskip("triton")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULL = dict(D=True, z=True, bias=True, softplus=True, h0=True)
 NONE = dict(D=False, z=False, bias=False, softplus=False, h0=False)
 
@@ -127,11 +123,8 @@ def check_interpreter(names=None):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the compiled kernels")
 def test_triton_scan_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    code = "import sys; sys.path.insert(0, 'tests'); from test_triton_scan import check_interpreter; check_interpreter()"
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    assert res.stdout.count("ok ") == len(INTERP_CASES) + 1, res.stdout
+    out = run_in_interpreter("test_triton_scan", "check_interpreter()")
+    assert out.count("ok ") == len(INTERP_CASES) + 1, out
 
 
 def test_plan_chunk_makes_whole_waves():

@@ -10,17 +10,15 @@ Tolerance: fp32 state and sums in another order against fp64; observed <= 4e-7 o
 largest value in the interpreter, 1e-5 is a 25x margin.
 """
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from tests.conftest import requires_cuda
+from tests.helpers import run_in_interpreter
 
 pytest.importorskip("triton")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
 
@@ -100,11 +98,8 @@ def check_interpreter():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the compiled kernels")
 def test_triton_scan_backward_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    code = "import sys; sys.path.insert(0, 'tests'); from test_triton_scan_bwd import check_interpreter; check_interpreter()"
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    assert res.stdout.count("ok ") == len(CASES) + 1, res.stdout
+    out = run_in_interpreter("test_triton_scan_bwd", "check_interpreter()")
+    assert out.count("ok ") == len(CASES) + 1, out
 
 
 @requires_cuda

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):          # one line, not usage + error
@@ -18,3 +20,14 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
     return value
+
+
+def checked_device(name: str) -> torch.device:
+    """--device as a torch.device, or ValueError naming it: 'cpu', 'cuda', 'cuda:<n>' where a GPU is."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: expected 'cpu', 'cuda' or 'cuda:<n>'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU here; use --device cpu")
+    return device

@@ -34,7 +34,7 @@ from engine.errors import cli_main  # noqa: E402
 from engine.results import code_commit, weights_digest  # noqa: E402
 from models import MambaLMHeadModel  # noqa: E402
 from modules.hidden_attention import default_channels, hidden_attention  # noqa: E402
-from tools.cli import OneLineParser, positive_int  # noqa: E402
+from tools.cli import OneLineParser, checked_device, positive_int  # noqa: E402
 from tools.provenance import public_command, public_path  # noqa: E402
 
 PATH_OPTIONS = {"--model": "<model>", "--corpus": "<corpus>", "--out": "<out>"}
@@ -68,12 +68,7 @@ def check_inputs(args) -> None:
     """Bad settings and missing folders end as one line naming them (cli_main), before any work."""
     if not 0 < args.global_frac <= 1:
         raise ValueError(f"--global-frac {args.global_frac}: must be in (0, 1]")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ValueError(f"--device {args.device!r}: expected 'cpu', 'cuda' or 'cuda:<n>'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA GPU here; use --device cpu")
+    checked_device(args.device)
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"--model {args.model}: no such folder (pass a folder holding config.json and "
                                 f"model.safetensors)")

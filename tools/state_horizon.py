@@ -52,7 +52,7 @@ from custom_datasets.sources import GPT_NEOX, load_tokenizer  # noqa: E402
 from engine.errors import BadFileError, cli_main  # noqa: E402
 from engine.results import weights_digest  # noqa: E402
 from models import MambaLMHeadModel  # noqa: E402  (as tools/mean_distance.py loads --model)
-from tools.cli import OneLineParser, positive_int  # noqa: E402
+from tools.cli import OneLineParser, checked_device, positive_int  # noqa: E402
 from tools.provenance import public_command, public_path  # noqa: E402
 
 THRESHOLDS = (2048, 131072, 1048576)          # tokens: the 2K pretraining length, 128K, 1M
@@ -219,12 +219,7 @@ def parse_args(argv):
 
 
 def run(args, argv) -> int:
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ValueError(f"--device {args.device!r}: expected 'cpu', 'cuda' or 'cuda:<n>'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA GPU here; use --device cpu")
+    checked_device(args.device)
     model = load_model(args.model, args.device)
     toks, tok_path = text_tokens(args)
     vocab = model.backbone.embedding.weight.shape[0]
