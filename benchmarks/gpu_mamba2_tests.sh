@@ -29,9 +29,10 @@ PY
 if PYTHONPATH=$SITE python3 -c 'import torch, causal_conv1d_cuda, selective_scan_cuda' 2>/dev/null; then
   echo "causal-conv1d already built in $SITE (a later call on the warm machine)" | tee $LOG
 else
-  build || exit 1
-  echo "causal-conv1d built in $(el) s (sm_90); mamba-ssm 2.3.2.post1 Python sources, selective_scan_cuda stand-in" | tee $LOG
+  build >> $LOG 2>&1 || { echo "the build failed (above)" >> $LOG; exit 1; }
+  echo "causal-conv1d built in $(el) s (sm_90); mamba-ssm 2.3.2.post1 Python sources, selective_scan_cuda stand-in" | tee -a $LOG
 fi
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >> $LOG
 export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1
-timeout $(( END - $(el) )) python3 -m pytest -v -rs tests/test_gpu_mamba2.py >> $LOG 2>&1; echo "pytest rc $? at $(el) s" >> $LOG
+T=$(( END - $(el) )); [ $T -ge 30 ] || { echo "$T s left of END_S=$END: no time for the tests" | tee -a $LOG; exit 1; }
+timeout $T python3 -m pytest -v -rs tests/test_gpu_mamba2.py >> $LOG 2>&1; echo "pytest rc $? at $(el) s" >> $LOG

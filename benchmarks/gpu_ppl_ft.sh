@@ -13,12 +13,13 @@
 #       once and stop at max_step or at END_S * 3/5 (SIGTERM -> checkpoint); each is then evaluated at the last step
 #       both reached (a checkpoint every 50 steps), vanilla, DeciMamba, and the vanilla fine-tune with decimation.
 #       Each fine-tune's step-0 evaluation is the pretrained LM on the test books (vanilla / with decimation).
-#       FT_DECI_SET='--set key=value ...' changes the DeciMamba arm's training only (its run is named after it): at
+#       FT_DECI_SET='--set key=value ...' (words split on spaces, no inner quotes) changes the DeciMamba arm's training
+#       only (its run is named after it): at
 #       L_base >= 1,000 the presets' recipe drops no token in training (reference limitation L4).
 # Back in $OUT each time: logs.tgz (logs, train logs, results, commands.txt). Call with DECIMAMBA_COMMIT=<the commit>
 # (the device copy's .git is stale). Run it alone on the GPU (beside a pretraining and other trainers an arm ran out
-# of memory: the fp32 logits of 16 x 2,000 tokens x 50K vocabulary are 6 GB); `ft` refuses to start without the
-# kernels that `prep` (or benchmarks/gpu_repro.sh) builds into /tmp/site.
+# of memory: the fp32 logits of 16 x 2,000 tokens x 50K vocabulary are 6 GB); `ft` needs what `prep` leaves on the
+# machine: the kernels in /tmp/site (or DECIMAMBA_SCAN=triton), the weights in /tmp/pretrained_ppl, the two splits.
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT/logs"; OUT=$(cd "$OUT" && pwd); L=$OUT/logs
 STAGE=${1:-}; END=${2:-560}; STEPS=${PPL_FT_STEPS:-400}
@@ -38,7 +39,8 @@ pack() {  # copy every run's results and train log into the logs, then logs.tgz
 if [ $STAGE = prep ]; then
   P=${PRETRAINED:-artifacts/pretrained}
   rm -rf $W0; mkdir -p $W0 && cp "$P"/config.json $W0/ || { echo "no pretrained model at '$P' (config.json)"; exit 1; }
-  if [ -f "$P/model.safetensors.xz" ]; then xz -dc "$P/model.safetensors.xz" > $W0/model.safetensors   # xz: 29% smaller to carry
+  if [ -f "$P/model.safetensors.xz" ]; then   # xz: 29% smaller to carry
+    xz -dc "$P/model.safetensors.xz" > $W0/model.safetensors || { echo "could not decompress '$P/model.safetensors.xz'"; exit 1; }
   else cp "$P"/model.safetensors $W0/ || { echo "no pretrained weights at '$P' (model.safetensors[.xz])"; exit 1; }; fi
   build_bg .device "$L/build.log"
   for s in test validation; do
@@ -66,25 +68,32 @@ VAL=(--set pg19_dir=$CORPUS/pg19_validation --set ppl_test_num_windows_per_conte
      --set 'ppl_test_context_lens_eval=[1000,2000,4000,8000,16000,32000,64000,128000]')
 TEST=(--set pg19_dir=$CORPUS/pg19_test)
 PIDS=""; NAMES=""
-run() {  # NAME ARGS...: one finetune_ssm.py run in the background (PIDS, NAMES); a run this machine already has is
-  local n=$1; shift   # resumed from its checkpoint (a fine-tune) or kept (a finished evaluation), never started over
-  if ls -d $RUNS/$n/epoch_*_step_* >/dev/null 2>&1; then set -- --resume $RUNS/$n
-  elif [ -s $RUNS/$n/results.jsonl ]; then echo "$(el) s: $n already has results: kept" >> "$L/commands.txt"; return
-  else rm -rf $RUNS/$n; set -- --run-name $n "$@"; fi
+start() {  # NAME ARGS...: finetune_ssm.py ARGS in the background (PIDS, NAMES), its output in NAME.log
+  local n=$1; shift
   echo "$(el) s: finetune_ssm.py $*" >> "$L/commands.txt"
   python3 finetune_ssm.py "$@" >> "$L/$n.log" 2>&1 & PIDS="$PIDS $!"; NAMES="$NAMES $n"
 }
+run_ft() {  # NAME ARGS...: a fine-tune, resumed from its last checkpoint, else started afresh (a folder without a
+  local n=$1; shift   # checkpoint never trained past its step-0 evaluation: nothing in it to keep)
+  if ls -d $RUNS/$n/epoch_*_step_* >/dev/null 2>&1; then start $n --resume $RUNS/$n
+  else rm -rf $RUNS/$n; start $n --run-name $n "$@"; fi
+}
+run_eval() {  # NAME ARGS...: an evaluation in its folder: the evaluator reuses the cells it already recorded (same
+  local n=$1; shift   # weights, settings, backend) and measures the others, so a stopped one continues
+  start $n --run-name $n "$@"
+}
 evals() {  # TAG WEIGHTS ARCH_ARGS...: validation and test evaluations of one model
   local tag=$1 w=$2; shift 2
-  run "ppl_${tag}_validation" "${BASE[@]}" --set eval_mode=true --set load_cp=$w "${VAL[@]}" "$@"
-  run "ppl_${tag}_test" "${BASE[@]}" --set eval_mode=true --set load_cp=$w "${TEST[@]}" "$@"
+  run_eval "ppl_${tag}_validation" "${BASE[@]}" --set eval_mode=true --set load_cp=$w "${VAL[@]}" "$@"
+  run_eval "ppl_${tag}_test" "${BASE[@]}" --set eval_mode=true --set load_cp=$w "${TEST[@]}" "$@"
 }
-finish_evals() {  # wait for the evaluations until END - 20; one still running is stopped and its run renamed
-  wait_until $(( END - 20 )) $PIDS   # NAME_stopped_at_Ts (its cells so far are packed; a later call runs it whole)
-  set -- $NAMES; local p
+finish_evals() {  # wait for the evaluations until END - 20, stop those still running; log every exit status
+  wait_until $(( END - 20 )) $PIDS
+  set -- $NAMES; local p rc
   for p in $PIDS; do
-    if kill -0 $p 2>/dev/null; then kill -TERM $p; wait $p 2>/dev/null; local t=$(el)
-      mv $RUNS/$1 $RUNS/${1}_stopped_at_${t}s; echo "$t s: $1 stopped before it finished: renamed ${1}_stopped_at_${t}s" >> "$L/commands.txt"; fi
+    if kill -0 $p 2>/dev/null; then kill -TERM $p; wait $p 2>/dev/null
+      echo "$(el) s: $1 stopped before it finished (its recorded cells stay; a later call continues it)" >> "$L/commands.txt"
+    else wait $p; rc=$?; echo "$(el) s: $1 exited with status $rc" >> "$L/commands.txt"; fi
     shift
   done
 }
@@ -97,10 +106,10 @@ python3 custom_datasets/tokenize_corpus.py --split train --pg19 --out $CORPUS .d
   { echo "tokenizing the train books failed (tokenize_pg19.log)"; tail -3 "$L/tokenize_pg19.log"; exit 1; }
 rm -rf $PG; mkdir -p $PG; ln -s $CORPUS/pg19_train/train_set.pt $PG/; ln -s $CORPUS/pg19_test/test_set.pt $PG/
 echo "$(el) s: train books in ppl_test format ($(du -hL $PG/train_set.pt | cut -f1))" >> "$L/commands.txt"
-run ftppl_vanilla "${BASE[@]}" "${FT[@]}"
+run_ft ftppl_vanilla "${BASE[@]}" "${FT[@]}"
 read -ra TRAIN_DECI <<< "${FT_DECI_SET:-}"   # e.g. '--set decimation_max_p_L_base=500': decimation that acts in training
-FD=ftppl_deci${FT_DECI_SET:+_$(echo "$FT_DECI_SET" | tr -c 'A-Za-z0-9\n' _ | sed 's/__*/_/g; s/^_//; s/_$//')}
-run $FD "${BASE[@]}" "${FT[@]}" "${DECI[@]}" "${TRAIN_DECI[@]}"
+TAG=$(echo "${FT_DECI_SET:-}" | tr -c 'A-Za-z0-9\n' _ | sed 's/__*/_/g; s/^_//; s/_$//'); FD=ftppl_deci${TAG:+_$TAG}
+run_ft $FD "${BASE[@]}" "${FT[@]}" "${DECI[@]}" "${TRAIN_DECI[@]}"
 FTP=$PIDS; wait_until $(( END * 3 / 5 )) $FTP
 stop_all $FTP
 echo "fine-tunes stopped at $(el) s" >> "$L/commands.txt"
@@ -111,5 +120,5 @@ if [ -n "$S" ]; then
   WV=$(ls -d $RUNS/ftppl_vanilla/epoch_*_step_$S); WD=$(ls -d $RUNS/$FD/epoch_*_step_$S)
   evals ft_vanilla_s$S "$WV"; evals ft_${FD#ftppl_}_s$S "$WD" "${DECI[@]}"; evals ft_vanilla_deci_s$S "$WV" "${DECI[@]}"
 fi
-evals base_vanilla $W0; evals base_deci $W0 "${DECI[@]}"   # those prep did not finish
+evals base_vanilla $W0; evals base_deci $W0 "${DECI[@]}"   # what prep did not finish (its cells are reused)
 finish_evals; pack

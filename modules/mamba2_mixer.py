@@ -116,6 +116,7 @@ class Mamba2Mixer(nn.Module):
         decimation = decimation or DecimationConfig()
         decimates = decimation.decimates(self.layer_idx)
         if (self.use_mem_eff_path and cache is None and not record and not decimates
+                and self.conv_dim % 8 == 0 and hidden.shape[1] > 1       # the fused kernel's layout rules
                 and kernels.use_ssd_kernels(self.backend, hidden)
                 and hidden.shape[0] * hidden.shape[1] * self.in_proj.out_features <= INT32_MAX):
             return self._fused(hidden), None, None      # (longer: int32 offsets; the segmented path below)
@@ -151,8 +152,9 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt = torch.split(self.in_proj(hidden), [self.d_inner, self.conv_dim, self.nheads], dim=-1)  # 1
         xBC = xBC.transpose(1, 2)                                                           # (b, e + 2gn, l)
         xBC, prev = cache.extend_conv_input(xBC, self.d_conv) if cache is not None else (xBC, 0)
-        if kernels.use_ssd_kernels(self.backend, hidden):                                   # 2
-            xBC = kernels.causal_conv1d_fn(conv_input(xBC), self.conv1d.weight.squeeze(1), self.conv1d.bias,
+        xk = conv_input(xBC) if kernels.use_ssd_kernels(self.backend, hidden) else None
+        if xk is not None:                                                                  # 2
+            xBC = kernels.causal_conv1d_fn(xk, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                            activation="silu")[..., prev:]
         else:
             xBC = F.silu(self.conv1d(xBC)[..., prev:prev + length])

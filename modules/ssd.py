@@ -145,14 +145,17 @@ def max_offset(t: torch.Tensor) -> int:
     return sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0)
 
 
-def conv_input(t: torch.Tensor) -> torch.Tensor:
-    """t (b, d, l) as causal-conv1d's kernel accepts it: channel-last (stride(1) == 1, a view into
-    in_proj's rows) only when stride(0) and stride(2) are multiples of 8, and offsets under 2³¹ (it
-    indexes in uint32); otherwise a channel-first copy (in_proj rows of 1,028 broke the first rule)."""
+def conv_input(t: torch.Tensor) -> torch.Tensor | None:
+    """t (b, d, l) as causal-conv1d's kernel accepts it, or None where even a copy would not do (run the
+    conv in torch then). The kernel reads a channel-last view (stride(1) == 1 and stride(2) > 1: a view into
+    in_proj's rows) only when d, stride(0) and stride(2) are multiples of 8 (in_proj rows of 1,028 broke
+    this on the H200), and it adds each stride term in uint32 (offsets kept under 2³¹ here). Otherwise a
+    channel-first copy with canonical strides (``.contiguous()`` would keep the strides of size-1 dims)."""
     last = t.stride(1) == 1 and t.stride(2) > 1
-    if max_offset(t) > INT32_MAX or (last and (t.stride(0) % 8 or t.stride(2) % 8)):
-        return t.contiguous()
-    return t
+    if max_offset(t) <= INT32_MAX and not (last and (t.shape[1] % 8 or t.stride(0) % 8 or t.stride(2) % 8)):
+        return t
+    t = t.clone(memory_format=torch.contiguous_format)
+    return t if max_offset(t) <= INT32_MAX else None
 
 
 def kernel_segment(x, B, chunk_size) -> int:

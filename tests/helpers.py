@@ -170,12 +170,12 @@ def one_line_stderr(capsys, *needles) -> str:
 
 
 def prompt_positions(kept_indices):
-    """LMOutput.kept_indices (batch 1) -> [(layer, kept positions in the prompt)]. Each layer's indices
-    point into its own input, the previous decimating layer's kept tokens: compared raw, one flipped
-    near-tie at an earlier layer shifts every later index."""
+    """LMOutput.kept_indices -> [(layer, kept positions in the prompt)], (k,) for batch 1, (b, k) per row
+    otherwise. Each layer's indices point into its own input, the previous decimating layer's kept
+    tokens: compared raw, one flipped near-tie at an earlier layer shifts every later index."""
     out, pos = [], None
     for layer, idx in kept_indices:
-        pos = idx if pos is None else pos[idx]
+        pos = idx if pos is None else (pos[idx] if idx.dim() == 1 else pos.gather(1, idx))
         out.append((layer, pos))
     return out
 

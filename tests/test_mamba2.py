@@ -471,7 +471,10 @@ def test_conv_kernel_gets_only_layouts_causal_conv1d_accepts(monkeypatch):
     # torch SSD scan; the mixer's output must equal its torch path.
     from modules import kernels
 
+    calls = []
+
     def fake_conv(x, weight, bias=None, activation=None):
+        calls.append(x.shape)
         if x.stride(1) == 1 and x.stride(2) > 1:
             assert x.stride(0) % 8 == 0 and x.stride(2) % 8 == 0, x.stride()
         y = F.conv1d(x, weight.unsqueeze(1), bias, padding=weight.shape[1] - 1, groups=x.shape[1])[..., :x.shape[2]]
@@ -492,3 +495,23 @@ def test_conv_kernel_gets_only_layouts_causal_conv1d_accepts(monkeypatch):
     monkeypatch.setattr(kernels, "causal_conv1d_fn", fake_conv)
     monkeypatch.setattr(kernels, "mamba_chunk_scan_combined", fake_scan)
     torch.testing.assert_close(mixer(hidden)[0], want, rtol=1e-5, atol=1e-5)   # same fp32 ops, reordered
+    assert len(calls) == 1
+    from modules import ssd
+    monkeypatch.setattr(ssd, "INT32_MAX", 1000)      # an input even a copy cannot pass to the kernel: torch's conv
+    torch.testing.assert_close(mixer(hidden)[0], want, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1
+
+
+def test_conv_input_follows_causal_conv1d_layout_rules(monkeypatch):
+    from modules import ssd
+
+    def view(rows, d, b=2, length=5):       # (b, d, l) channel-last view into (b, l, rows), as in_proj's output
+        return torch.randn(b, length, rows)[..., :d].transpose(1, 2)
+
+    ok = view(1544, 1024)
+    assert ssd.conv_input(ok) is ok                                        # valid channel-last: no copy
+    for bad in (view(1028, 512), view(520, 260), view(1028, 768, b=1, length=1)):
+        fixed = ssd.conv_input(bad)                                        # rows, channels, a 1-token batch of 1
+        assert fixed.stride() == (bad.shape[1] * bad.shape[2], bad.shape[2], 1) and torch.equal(fixed, bad)
+    monkeypatch.setattr(ssd, "INT32_MAX", 100)                             # a copy too large for uint32 offsets
+    assert ssd.conv_input(view(1544, 1024)) is None
