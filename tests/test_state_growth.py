@@ -1,0 +1,87 @@
+"""tools/state_growth.py: states read after streaming match one-shot prefills, and growth is measured.
+
+Two layers with constant step sizes (dt_proj.weight = 0): layer 0 forgets within a token (Δ = 1,
+|A| = 1..4), so its state is stationary and its ratios stay near 1; layer 1 never forgets over the
+window (Δ = 1e-4, |A| ≈ 1e-4: decay e^-1e-8 a token), so its state sums every token written and grows.
+"""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from models import MambaConfig, MambaLMHeadModel
+from tests.helpers import one_line_stderr, randomize
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+import state_growth as sg  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _model(vocab_size=61):
+    model = randomize(MambaLMHeadModel(MambaConfig(d_model=16, n_layer=2, vocab_size=vocab_size,
+                                                   ssm_cfg={"d_state": 4}, pad_vocab_size_multiple=8)), 0).eval()
+    with torch.no_grad():
+        for layer, delta, a in ((0, 1.0, 1.0), (1, 1e-4, 1e-4)):
+            mx = model.backbone.layers[layer].mixer
+            mx.dt_proj.weight.zero_()
+            d = torch.tensor(delta, dtype=torch.float64)
+            mx.dt_proj.bias.fill_(float(d + torch.log(-torch.expm1(-d))))          # inverse softplus
+            mx.A_log.copy_(torch.log(a * torch.arange(1, 5, dtype=torch.float32)).expand_as(mx.A_log))
+    return model
+
+
+def test_streamed_states_equal_one_shot_prefills():
+    model = _model()
+    ids = torch.randint(0, 61, (1, 256), generator=torch.Generator().manual_seed(1))
+    got = sg.measure(model, ids, [64, 128, 256], chunk=32)
+    for p in (64, 128, 256):
+        caches = model.allocate_inference_cache()
+        with torch.no_grad():
+            model(ids[:, :p], num_last_tokens=1, caches=caches)         # one shot, a fresh cache
+        for (mx, rms), c in zip(got[p], caches):
+            # chunked and one-shot scans sum in different orders: fp32 rounding, 1e-5 relative
+            assert mx == pytest.approx(c.ssm_state.abs().max().item(), rel=1e-5)
+            assert rms == pytest.approx(c.ssm_state.pow(2).mean().sqrt().item(), rel=1e-5)
+
+
+def test_a_state_that_never_forgets_grows_and_one_that_forgets_does_not():
+    model = _model()
+    g = torch.Generator().manual_seed(2)
+    windows = [sg.measure(model, torch.randint(0, 61, (1, 512), generator=g), [128, 512], chunk=64) for _ in range(8)]
+    rows = sg.layer_rows(windows, 128, [512])
+    fast, slow = rows[0]["rms_ratio"]["512"], rows[1]["rms_ratio"]["512"]
+    # fast: the last token's write only, so the ratio is 1 up to which tokens ended the windows (seeds 0-5 of 8
+    # windows: 0.86-1.38); slow: 4x the tokens summed, terms of a common sign here, so about 4 (3.89-4.13)
+    assert 0.6 < fast < 1.7
+    assert 3.0 < slow < 4.5
+    assert rows[1]["rms"]["128"] > 0 and set(rows[1]["max_abs_ratio"]) == {"512"}
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    _model(vocab_size=50277).save_pretrained(str(tmp_path / "m"))
+    with open(os.path.join(REPO, "data", "wikitext-2-raw", "wiki.valid.raw"), encoding="utf-8") as f:
+        (tmp_path / "t.txt").write_text(f.read(20000), encoding="utf-8")
+    out = tmp_path / "g.json"
+    argv = ["--model", str(tmp_path / "m"), "--text", str(tmp_path / "t.txt"), "--train-len", "128",
+            "--lengths", "512", "1024", "--chunk", "128", "--windows", "2", "--out", str(out)]
+    assert sg.main(argv) == 0
+    assert "training length (128)" in capsys.readouterr().out
+    text = out.read_text()
+    assert str(tmp_path) not in text and REPO not in text
+    res = json.loads(text)
+    assert res["command"].startswith("python tools/state_growth.py --model <model> --text <text>")
+    assert res["lengths"] == [512, 1024] and len(res["rows"]) == 2 and res["model_digest"]
+    assert res["rows"][1]["rms_ratio"]["1024"] > res["rows"][1]["rms_ratio"]["512"] > 1.3
+
+
+@pytest.mark.parametrize("extra,needle", [(["--lengths", "500"], "not multiples of --chunk"),
+                                          (["--lengths", "128"], "must exceed --train-len")])
+def test_bad_lengths_are_one_line(tmp_path, capsys, extra, needle):
+    _model(vocab_size=50277).save_pretrained(str(tmp_path / "m"))
+    argv = ["--model", str(tmp_path / "m"), "--text", "data/wikitext-2-raw/wiki.valid.raw", "--train-len", "128",
+            "--chunk", "64", *extra]
+    assert sg.main(argv) == 1
+    one_line_stderr(capsys, "error:", needle)

@@ -1,0 +1,132 @@
+"""State growth with length: how large each layer's SSM state gets past the training length.
+
+    python tools/state_growth.py --model DIR --corpus artifacts/lm_corpus --train-len 2048 --lengths 8192 32768
+    python tools/state_growth.py --model DIR --text data/wikitext-2-raw/wiki.valid.raw --train-len 512
+
+A state that has not reached its steady-state size within the training length keeps growing past it and
+hands the next layers values they never saw in training: the "state collapse" of Stuffed Mamba (arXiv
+2410.07145), a candidate cause of failure beyond the training length. Windows of natural text (evenly spaced,
+as tools/state_horizon.py takes them) are streamed through the model in chunks of ``--chunk`` tokens
+(chunked prefill: each chunk continues from the states the last one left, models/mamba_lm.py caches); after
+the chunk that ends at the training length and at each of ``--lengths`` the state h (b, d_inner, d_state)
+of every layer is read. Reported per layer, the mean over windows of max|h| and of the RMS of h, and
+their ratios to the values at the training length (1 at the training length by definition; > 1: the state
+grew beyond anything the training length produced). ``--out`` writes JSON with the command, machine, date,
+git revision, the model's digest and one row per layer (no machine paths).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import git_rev, machine  # noqa: E402
+from custom_datasets.lm_corpus import window_starts  # noqa: E402
+from engine.errors import cli_main  # noqa: E402
+from engine.results import weights_digest  # noqa: E402
+from tools.cli import OneLineParser, checked_device, positive_int  # noqa: E402
+from tools.provenance import public_command, public_path  # noqa: E402
+from tools.state_horizon import PATH_OPTIONS, load_model, text_tokens, write_json  # noqa: E402
+
+
+@torch.no_grad()
+def measure(model, window: torch.Tensor, points: list[int], chunk: int) -> dict[int, list[tuple[float, float]]]:
+    """{position: [(max|h|, rms h) per layer]} after streaming window (1, L) in chunks up to each position."""
+    caches = model.allocate_inference_cache()
+    out = {}
+    for c0 in range(0, max(points), chunk):
+        model(window[:, c0:c0 + chunk], num_last_tokens=1, caches=caches)
+        if c0 + chunk in points:
+            out[c0 + chunk] = [(c.ssm_state.abs().max().item(), c.ssm_state.pow(2).mean().sqrt().item())
+                               for c in caches]
+    return out
+
+
+def layer_rows(per_window: list[dict], train_len: int, lengths: list[int]) -> list[dict]:
+    n_layer = len(per_window[0][train_len])
+    rows = []
+    for i in range(n_layer):
+        row = {"layer": i}
+        for k, name in ((0, "max_abs"), (1, "rms")):
+            at = {p: sum(w[p][i][k] for w in per_window) / len(per_window) for p in [train_len, *lengths]}
+            row[name] = {str(p): v for p, v in at.items()}
+            row[f"{name}_ratio"] = {str(p): at[p] / at[train_len] if at[train_len] > 0 else None for p in lengths}
+        rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict], train_len: int, lengths: list[int]) -> None:
+    print(f"max|h| at each length / max|h| at the training length ({train_len}); RMS ratio in brackets")
+    print(f"{'layer':>5} " + " ".join(f"{p:>16}" for p in lengths))
+    for row in rows:
+        cells = [f"{row['max_abs_ratio'][str(p)] or 0:7.2f} ({row['rms_ratio'][str(p)] or 0:5.2f})" for p in lengths]
+        print(f"{row['layer']:>5} " + " ".join(f"{c:>16}" for c in cells))
+
+
+def parse_args(argv):
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint folder (config.json + model.safetensors)")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--corpus", help="lm_corpus_dir of tokenized shards (custom_datasets/tokenize_corpus.py)")
+    src.add_argument("--text", help="a UTF-8 text file, e.g. data/wikitext-2-raw/wiki.valid.raw")
+    ap.add_argument("--split", default="validation", help="corpus split (with --corpus)")
+    ap.add_argument("--tokenizer", default=None, help="for --text: as tools/state_horizon.py")
+    ap.add_argument("--train-len", type=positive_int, required=True, help="the model's training length")
+    ap.add_argument("--lengths", type=positive_int, nargs="+", default=[8192, 32768], help="longer lengths")
+    ap.add_argument("--chunk", type=positive_int, default=512, help="tokens per streamed chunk")
+    ap.add_argument("--windows", type=positive_int, default=2, help="windows, evenly spaced over the text")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=None, help="JSON file to write")
+    return ap.parse_args(argv)
+
+
+def run(args, argv) -> int:
+    checked_device(args.device)
+    lengths = sorted(set(args.lengths))
+    bad = [p for p in [args.train_len, *lengths] if p % args.chunk]
+    if bad:
+        raise ValueError(f"--train-len / --lengths {bad}: not multiples of --chunk {args.chunk}")
+    if lengths[0] <= args.train_len:
+        raise ValueError(f"--lengths {lengths}: each must exceed --train-len {args.train_len}")
+    model = load_model(args.model, args.device)
+    toks, tok_path = text_tokens(args)
+    vocab = model.backbone.embedding.weight.shape[0]
+    if toks.size and int(toks.max()) >= vocab:
+        raise ValueError(f"the text holds token id {int(toks.max())} but the model has {vocab} embeddings: "
+                         f"tokenized with another vocabulary?")
+    starts = window_starts(len(toks), lengths[-1], args.windows)
+    points = [args.train_len, *lengths]
+    per_window = [measure(model, torch.from_numpy(toks[s:s + lengths[-1]])[None].to(args.device), points, args.chunk)
+                  for s in starts]
+    rows = layer_rows(per_window, args.train_len, lengths)
+    print_table(rows, args.train_len, lengths)
+    if args.out:
+        write_json(args.out, {
+            "command": public_command("tools/state_growth.py", argv, PATH_OPTIONS), "machine": machine(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git": git_rev(),
+            "model": public_path(args.model, "<model>"), "model_digest": weights_digest(args.model),
+            "text": ({"corpus": public_path(args.corpus, "<corpus>"), "split": args.split} if args.corpus else
+                     {"file": public_path(args.text, "<text>"), "tokenizer": public_path(tok_path, "<tokenizer>")}),
+            "train_len": args.train_len, "lengths": lengths, "chunk": args.chunk, "windows": args.windows,
+            "window_starts": starts, "device": args.device, "dtype": "float32",
+            "definitions": {"max_abs": "max over channels and states of |h| after that many tokens, mean over windows",
+                            "rms": "root mean square of h over channels and states, mean over windows",
+                            "ratio": "the value at a length over the value at train_len"},
+            "rows": rows})
+        print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    return cli_main(run, args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
