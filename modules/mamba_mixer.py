@@ -13,7 +13,8 @@ Both paths (torch reference / CUDA kernels) follow the same numbered steps:
     1 in-projection · 2 causal conv + SiLU · 3a selection (dt, B, C) · 3b Δ for scoring ·
     3c decimation · 3d selective scan · 4 gate and out-projection
 Decimation needs the post-conv activations gathered before the scan, so the fused
-``mamba_inner_fn`` serves only calls in which this layer keeps every token.
+``mamba_inner_fn`` serves only calls in which this layer keeps every token (and never under
+DECIMAMBA_SCAN=triton, where every scan is the Triton one, modules/selective_scan.py).
 
 Falcon-Mamba (``b_c_dt_rms``): step 3a ends with weightless RMS norms (eps ``mixer_rms_eps``) of
 B, C and the low-rank dt before dt_proj, as transformers' FalconMambaMixer. mamba-ssm's
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from modules import kernels
 from modules.decimation import DecimationConfig, gather_tokens, kept_from_scores, kept_indices, token_scores
-from modules.selective_scan import selective_scan
+from modules.selective_scan import scan_impl, selective_scan
 
 SCORE_BLOCK = 1 << 16   # tokens per block when scoring by ‖Δ‖ (bounds the fp32 Δ held at once)
 
@@ -84,7 +85,7 @@ class MambaMixer(nn.Module):
         decimation = decimation or DecimationConfig()
         on_kernels = kernels.use_kernels(self.backend, hidden)
         if (on_kernels and self.use_fast_path and cache is None and not record and not self.b_c_dt_rms
-                and not decimation.decimates(self.layer_idx)):
+                and not decimation.decimates(self.layer_idx) and scan_impl() != "triton"):   # triton: its scan
             return kernels.mamba_inner_fn(
                 self._in_proj(hidden), self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
                 self.dt_proj.weight, self.out_proj.weight, self.out_proj.bias, -torch.exp(self.A_log.float()),

@@ -294,8 +294,8 @@ def _triton_serves(u, A, B, C, tensors) -> bool:
 
 def _triton_trains(u, A, B, C) -> bool:
     """The Triton forward and backward take a call that wants a gradient: CUDA, real A, n <= 64, B, C (b, n, l)."""
-    return (u.is_cuda and _triton_scan() is not None and not A.is_complex() and A.shape[1] <= 64
-            and B.dim() == 3 and C.dim() == 3)
+    return (u.is_cuda and u.dtype in (torch.float32, torch.bfloat16, torch.float16) and _triton_scan() is not None
+            and not A.is_complex() and A.shape[1] <= 64 and B.dim() == 3 and C.dim() == 3)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

@@ -9,6 +9,7 @@ GPU: the compiled kernels against the pure-PyTorch scan at 4K tokens, and a mode
 Tolerance: fp32 state and sums in another order against fp64; observed <= 4e-7 of each gradient's
 largest value in the interpreter, 1e-5 is a 25x margin.
 """
+import functools
 import os
 
 import pytest
@@ -41,7 +42,8 @@ def make_inputs(b, d, l, n, dtype, h0=True, layout="model", device="cpu"):
 
 def grads(fn, inp, last_grad):
     """Gradients of a fixed random projection of (out, last state) with respect to every input."""
-    inp = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in inp.items()}
+    inp = {k: None if v is None else torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device).copy_(v).requires_grad_()
+           for k, v in inp.items()}                                       # leaves with the model's strides
     out, last = fn(**inp, delta_softplus=True, return_last_state=True)
     g = torch.Generator().manual_seed(5)
     loss = (out * torch.randn(out.shape, generator=g, dtype=torch.float64).to(out)).sum()
@@ -62,7 +64,8 @@ def assert_close_to_oracle(got, want, rel=1e-5):
 CASES = [
     ("model_strides_h0_last", (2, 24, 37, 16), True, True, "model", None),
     ("contiguous_n5_no_h0", (1, 20, 21, 5), False, False, "contiguous", None),
-    ("three_channel_slices", (2, 40, 19, 8), True, True, "model", 2 * 19 * 8 * 4 * 16),   # 16 channels a slice
+    ("three_channel_slices", (2, 72, 19, 8), True, True, "model", 2 * 19 * 8 * 4 * 32),   # 32, 32, 8 channels
+    ("three_blocks_one_slice", (2, 72, 13, 8), True, True, "model", None),               # gB/gC: 3 blocks' sums
 ]
 
 
@@ -71,11 +74,9 @@ def check_interpreter():
     from modules import selective_scan as ss
     from modules import triton_scan_bwd
 
+    bwd = triton_scan_bwd.scan_backward
     for name, (b, d, l, n), h0, last_grad, layout, scratch in CASES:
-        if scratch:
-            triton_scan_bwd.SCRATCH_BYTES = scratch
-            bwd = triton_scan_bwd.scan_backward
-            triton_scan_bwd.scan_backward = lambda *a, **k: bwd(*a, **k, scratch_bytes=scratch)
+        triton_scan_bwd.scan_backward = functools.partial(bwd, scratch_bytes=scratch) if scratch else bwd
         want = grads(ss.selective_scan_sequential, make_inputs(b, d, l, n, torch.float64, h0, layout), last_grad)
         got = grads(ss.selective_scan_triton, make_inputs(b, d, l, n, torch.float32, h0, layout), last_grad)
         assert_close_to_oracle(got, want)
