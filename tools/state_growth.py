@@ -17,7 +17,6 @@ git revision, the model's digest and one row per layer (no machine paths).
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 
@@ -25,13 +24,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import git_rev, machine  # noqa: E402
 from custom_datasets.lm_corpus import window_starts  # noqa: E402
 from engine.errors import cli_main  # noqa: E402
-from engine.results import weights_digest  # noqa: E402
 from tools.cli import OneLineParser, checked_device, positive_int  # noqa: E402
-from tools.provenance import public_command, public_path  # noqa: E402
-from tools.state_horizon import PATH_OPTIONS, load_model, text_tokens, write_json  # noqa: E402
+from tools.state_horizon import check_vocab, load_model, provenance, text_tokens, write_json  # noqa: E402
 
 
 @torch.no_grad()
@@ -95,10 +91,7 @@ def run(args, argv) -> int:
         raise ValueError(f"--lengths {lengths}: each must exceed --train-len {args.train_len}")
     model = load_model(args.model, args.device)
     toks, tok_path = text_tokens(args)
-    vocab = model.backbone.embedding.weight.shape[0]
-    if toks.size and int(toks.max()) >= vocab:
-        raise ValueError(f"the text holds token id {int(toks.max())} but the model has {vocab} embeddings: "
-                         f"tokenized with another vocabulary?")
+    check_vocab(model, toks)
     starts = window_starts(len(toks), lengths[-1], args.windows)
     points = [args.train_len, *lengths]
     per_window = [measure(model, torch.from_numpy(toks[s:s + lengths[-1]])[None].to(args.device), points, args.chunk)
@@ -107,11 +100,7 @@ def run(args, argv) -> int:
     print_table(rows, args.train_len, lengths)
     if args.out:
         write_json(args.out, {
-            "command": public_command("tools/state_growth.py", argv, PATH_OPTIONS), "machine": machine(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git": git_rev(),
-            "model": public_path(args.model, "<model>"), "model_digest": weights_digest(args.model),
-            "text": ({"corpus": public_path(args.corpus, "<corpus>"), "split": args.split} if args.corpus else
-                     {"file": public_path(args.text, "<text>"), "tokenizer": public_path(tok_path, "<tokenizer>")}),
+            **provenance("tools/state_growth.py", args, argv, tok_path),
             "train_len": args.train_len, "lengths": lengths, "chunk": args.chunk, "windows": args.windows,
             "window_starts": starts, "device": args.device, "dtype": "float32",
             "definitions": {"max_abs": "max over channels and states of |h| after that many tokens, mean over windows",

@@ -154,6 +154,25 @@ PATH_OPTIONS = {"--model": "<model>", "--corpus": "<corpus>", "--text": "<text>"
                 "--out": "<out>"}
 
 
+def provenance(script: str, args, argv, tok_path: str | None) -> dict:
+    """The fields a measurement file of these tools starts with: command, machine, date, code, model and its
+    digest, the text it read (no machine paths)."""
+    return {
+        "command": public_command(script, argv, PATH_OPTIONS), "machine": machine(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git": git_rev(),
+        "model": public_path(args.model, "<model>"), "model_digest": weights_digest(args.model),
+        "text": ({"corpus": public_path(args.corpus, "<corpus>"), "split": args.split} if args.corpus else
+                 {"file": public_path(args.text, "<text>"), "tokenizer": public_path(tok_path, "<tokenizer>")}),
+    }
+
+
+def check_vocab(model, toks: np.ndarray) -> None:
+    vocab = model.backbone.embedding.weight.shape[0]
+    if toks.size and int(toks.max()) >= vocab:
+        raise ValueError(f"the text holds token id {int(toks.max())} but the model has {vocab} embeddings: "
+                         f"tokenized with another vocabulary?")
+
+
 def _finite(obj):
     """JSON has no Infinity: an infinite half-life (Δ underflowed to 0) is written as null."""
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -222,10 +241,7 @@ def run(args, argv) -> int:
     checked_device(args.device)
     model = load_model(args.model, args.device)
     toks, tok_path = text_tokens(args)
-    vocab = model.backbone.embedding.weight.shape[0]
-    if toks.size and int(toks.max()) >= vocab:
-        raise ValueError(f"the text holds token id {int(toks.max())} but the model has {vocab} embeddings: "
-                         f"tokenized with another vocabulary?")
+    check_vocab(model, toks)
     starts = window_starts(len(toks), args.tokens, args.windows)
     windows = [torch.from_numpy(toks[s:s + args.tokens])[None].to(args.device) for s in starts]
     rows, whole = layer_rows(measure(model, windows))
@@ -233,13 +249,9 @@ def run(args, argv) -> int:
     if args.out:
         mixer = model.backbone.layers[0].mixer
         result = {
-            "command": public_command("tools/state_horizon.py", argv, PATH_OPTIONS), "machine": machine(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git": git_rev(),
-            "model": public_path(args.model, "<model>"), "model_digest": weights_digest(args.model),
+            **provenance("tools/state_horizon.py", args, argv, tok_path),
             "architecture": {"n_layer": model.config.n_layer, "d_model": model.config.d_model,
                              "d_inner": mixer.d_inner, "d_state": mixer.d_state, "dt_rank": mixer.dt_rank},
-            "text": ({"corpus": public_path(args.corpus, "<corpus>"), "split": args.split} if args.corpus else
-                     {"file": public_path(args.text, "<text>"), "tokenizer": public_path(tok_path, "<tokenizer>")}),
             "text_tokens": int(len(toks)), "tokens": args.tokens, "windows": args.windows, "window_starts": starts,
             "device": args.device, "dtype": "float32", "thresholds": list(THRESHOLDS),
             "definitions": {
