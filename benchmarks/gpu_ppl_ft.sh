@@ -5,7 +5,8 @@
 # Two consecutive calls on the warm machine (the weights and the train parts do not fit in one call's 64 MiB):
 #   bash benchmarks/gpu_ppl_ft.sh prep END_S   carried: artifacts/pretrained/ (or PRETRAINED=DIR: config.json and
 #       model.safetensors, or model.safetensors.xz to fit the 64 MiB), .device/, and in
-#       .data/gutenberg/ the test and validation parts only. Builds the kernels while it tokenizes the two splits and
+#       .data/gutenberg/ the test and validation parts only. Builds the kernels (gpu_common.sh build_bg) while it
+#       tokenizes the two splits and
 #       keeps the weights in /tmp for the next call; then the pretrained LM's evaluations, vanilla and with the
 #       decimation of preset 4 added zero-shot: the 20 validation books at 1K ... 128K (5 windows per book), then
 #       the 4 test books at the presets' lengths (1K ... 60K, 10 windows per book), until END_S.
@@ -14,8 +15,8 @@
 #       both reached (a checkpoint every 50 steps), vanilla, DeciMamba, and the vanilla fine-tune with decimation.
 #       Each fine-tune's step-0 evaluation is the pretrained LM on the test books (vanilla / with decimation).
 #       FT_DECI_SET='--set key=value ...' (words split on spaces, no inner quotes) changes the DeciMamba arm's training
-#       only (its run is named after it): at
-#       L_base >= 1,000 the presets' recipe drops no token in training (reference limitation L4).
+#       only (its run is named after it): at L_base >= 1,000 the presets' recipe drops no token in training
+#       (reference limitation L4). A stopped evaluation continues in its folder on the next call.
 # Back in $OUT each time: logs.tgz (logs, train logs, results, commands.txt). Call with DECIMAMBA_COMMIT=<the commit>
 # (the device copy's .git is stale). Run it alone on the GPU (beside a pretraining and other trainers an arm ran out
 # of memory: the fp32 logits of 16 x 2,000 tokens x 50K vocabulary are 6 GB); `ft` needs what `prep` leaves on the
