@@ -55,14 +55,15 @@ def _states_kernel(u_ptr, dt_ptr, a_ptr, b_ptr, h0_ptr, hs_ptr, DIM, L,
 
 @triton.jit
 def _reverse_kernel(u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, h0_ptr, hs_ptr, gy_ptr, gl_ptr,
-                    gu_ptr, gdt_ptr, ga_ptr, gb_ptr, gc_ptr, gh0_ptr, DIM, L, NBLK,
+                    gu_ptr, gdt_ptr, ga_ptr, gb_ptr, gc_ptr, gh0_ptr, DIM, L, NBLK, s_ob, s_sb,
                     s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_ad, s_an, s_bb, s_bn, s_bl, s_cb, s_cn, s_cl,
                     s_hb, s_hd, s_hn, s_gb, s_gd, s_gl, s_lb, s_ld, s_ln,
                     N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr, HAS_H0: tl.constexpr,
                     HAS_GLAST: tl.constexpr):
     """The adjoint scan from the last token to the first; gradients as in the module docstring.
-    Outputs: gu, gdt (b, DIM, l) contiguous; ga (b, DIM, N) per batch row; gb, gc (b, NBLK, N, l)
-    partial sums over this program's channels; gh0 (b, DIM, N)."""
+    Outputs: gu, gdt (b, DIM, l) with batch stride s_ob, contiguous below it (a slice of channels of the
+    whole gradient); ga, gh0 (b, DIM, N) likewise with s_sb (ga per batch row); gb, gc (b, NBLK, N, l)
+    partial sums over this program's channels."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     offs_d = (pid_d * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)               # d · l may pass 2^31
@@ -99,13 +100,13 @@ def _reverse_kernel(u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, h0_ptr, hs_ptr, gy_ptr, 
         tl.store(gb_ptr + part + offs_n * L + t, tl.sum(g * (dt * u)[:, None], axis=0), mask=mn)
         gbt = tl.sum(g * bt[None, :], axis=1)                                  # Σ_n G_t B_t
         g_log_a = g * a * h_prev                                               # dL/d(Δ_t A)
-        row = (pid_b * DIM + offs_d) * L + t
+        row = pid_b * s_ob + offs_d * L + t
         tl.store(gu_ptr + row, gbt * dt, mask=md)
         tl.store(gdt_ptr + row, gbt * u + tl.sum(g_log_a * A, axis=1), mask=md)
         ga += g_log_a * dt[:, None]
         g = a * g                                                              # a_t G_t: carried to t - 1
         h = h_prev
-    state = (pid_b * DIM + offs_d[:, None]) * N + offs_n[None, :]
+    state = pid_b * s_sb + offs_d[:, None] * N + offs_n[None, :]
     tl.store(ga_ptr + state, ga, mask=m2)
     tl.store(gh0_ptr + state, g, mask=m2)
 
@@ -136,22 +137,20 @@ def scan_backward(u, delta, A, B, C, h0, gy, glast, *, block_d=None, scratch_byt
     A = A.to(f)
     gu = torch.empty(bsz, dim, length, device=dev, dtype=f)
     gdelta = torch.empty_like(gu)
-    gA = torch.zeros(dim, n, device=dev, dtype=f)
+    ga_rows = torch.empty(bsz, dim, n, device=dev, dtype=f)         # gA per batch row, summed at the end
     gB = torch.zeros(bsz, n, length, device=dev, dtype=f)
     gC = torch.zeros_like(gB)
     gh0 = torch.empty(bsz, dim, n, device=dev, dtype=f)
     if length == 0:                 # nothing scanned: dL/dh0 = dL/dh_last
         gh0.copy_(glast if glast is not None else torch.zeros_like(gh0))
-        return gu, gdelta, gA, gB, gC, (gh0 if h0 is not None else None)
-    per_channel = bsz * max(length, 1) * np_ * 4
+        return gu, gdelta, torch.zeros_like(A), gB, gC, (gh0 if h0 is not None else None)
+    per_channel = bsz * length * np_ * 4
     step = max(block_d, scratch_bytes // per_channel // block_d * block_d)
     for s in range(0, dim, step):
         sl = slice(s, min(s + step, dim))
         d = sl.stop - sl.start
         nblk = triton.cdiv(d, block_d)
         hs = torch.empty(bsz, length, d, np_, device=dev, dtype=f)
-        gu_s, gdt_s = torch.empty(bsz, d, length, device=dev, dtype=f), torch.empty(bsz, d, length, device=dev, dtype=f)
-        ga_s, gh_s = torch.empty(bsz, d, n, device=dev, dtype=f), torch.empty(bsz, d, n, device=dev, dtype=f)
         gb_s = torch.empty(bsz, nblk, n, length, device=dev, dtype=f)
         gc_s = torch.empty_like(gb_s)
         us, ds, As, gys = u[:, sl], delta[:, sl], A[sl], gy[:, sl]
@@ -164,15 +163,14 @@ def scan_backward(u, delta, A, B, C, h0, gy, glast, *, block_d=None, scratch_byt
         _states_kernel[grid](us, ds, As, B, h0s if h0s is not None else hs, hs, d, length, *us.stride(), *ds.stride(),
                              *As.stride(), *B.stride(), *hst, **flags)
         _reverse_kernel[grid](us, ds, As, B, C, h0s if h0s is not None else hs, hs, gys, gls if gls is not None else hs,
-                              gu_s, gdt_s, ga_s, gb_s, gc_s, gh_s, d, length, nblk, *us.stride(), *ds.stride(),
+                              gu[:, sl], gdelta[:, sl], ga_rows[:, sl], gb_s, gc_s, gh0[:, sl], d, length, nblk,
+                              dim * length, dim * n, *us.stride(), *ds.stride(),
                               *As.stride(), *B.stride(), *C.stride(), *hst, *gys.stride(), *lst,
                               HAS_GLAST=gls is not None, **flags)
-        gu[:, sl], gdelta[:, sl], gh0[:, sl] = gu_s, gdt_s, gh_s
-        gA[sl] = ga_s.sum(0)
         gB += gb_s.sum(1)
         gC += gc_s.sum(1)
         del hs
-    return gu, gdelta, gA, gB, gC, (gh0 if h0 is not None else None)
+    return gu, gdelta, ga_rows.sum(0), gB, gC, (gh0 if h0 is not None else None)
 
 
 class TritonScanFn(torch.autograd.Function):
@@ -188,6 +186,5 @@ class TritonScanFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, glast):
-        u, delta, A, B, C, h0 = ctx.saved_tensors
-        gy = torch.zeros_like(u) if gy is None else gy
+        u, delta, A, B, C, h0 = ctx.saved_tensors      # autograd passes zeros for an unused output, not None
         return scan_backward(u, delta, A, B, C, h0, gy, glast)
