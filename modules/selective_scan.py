@@ -283,19 +283,21 @@ def _triton_scan():
     return selective_scan_fwd
 
 
+def _triton_fits(u, A, B, C) -> bool:
+    """A CUDA call of a shape the Triton scan supports: fp32/bf16/fp16, real A with n <= 64, per-token B, C."""
+    return (u.is_cuda and u.dtype in (torch.float32, torch.bfloat16, torch.float16) and _triton_scan() is not None
+            and not A.is_complex() and A.shape[1] <= 64 and B.dim() >= 3 and C.dim() >= 3)
+
+
 def _triton_serves(u, A, B, C, tensors) -> bool:
-    """The Triton forward takes the call: a CUDA call, no gradient wanted, a shape it supports."""
-    if not u.is_cuda or u.dtype not in (torch.float32, torch.bfloat16, torch.float16) or _triton_scan() is None:
-        return False
-    if A.is_complex() or A.shape[1] > 64 or B.dim() < 3 or C.dim() < 3:
-        return False
-    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+    """The Triton forward takes the call: it fits, and no gradient is wanted."""
+    return _triton_fits(u, A, B, C) and not (torch.is_grad_enabled()
+                                             and any(t is not None and t.requires_grad for t in tensors))
 
 
 def _triton_trains(u, A, B, C) -> bool:
-    """The Triton forward and backward take a call that wants a gradient: CUDA, real A, n <= 64, B, C (b, n, l)."""
-    return (u.is_cuda and u.dtype in (torch.float32, torch.bfloat16, torch.float16) and _triton_scan() is not None
-            and not A.is_complex() and A.shape[1] <= 64 and B.dim() == 3 and C.dim() == 3)
+    """The Triton forward and backward take a call that wants a gradient: it fits, with B, C (b, n, l)."""
+    return _triton_fits(u, A, B, C) and B.dim() == 3 and C.dim() == 3
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
