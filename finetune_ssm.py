@@ -206,11 +206,9 @@ def check_squad_split(cfg) -> None:
         return                                   # no record of its training: nothing to check against
     if not isinstance(rc, dict) or rc.get("dataset") != "squad_retrieve" or rc.get("eval_mode"):
         return
-    trained = rc.get("squad_train_source")
-    source = cfg["squad_eval_source"]
-    if not (isinstance(trained, str) and trained.endswith(".json") and source.endswith(".json")
-            and os.path.realpath(trained) == os.path.realpath(source)):
-        return                                   # evaluated on another file than it trained on
+    trained, source = rc.get("squad_train_source"), cfg["squad_eval_source"]
+    if not (isinstance(trained, str) and source.endswith(".json") and schema.same_squad_source(trained, source)):
+        return                                   # evaluated on other data than it trained on
     held = rc.get("squad_heldout_titles", 0)
     if held and cfg["squad_heldout_titles"] == held:
         return

@@ -231,11 +231,15 @@ def validate(cfg: dict, source: str = "config") -> list[str]:
     return notes
 
 
-def _same_squad_source(cfg: dict) -> bool:
-    a, b = cfg["squad_train_source"], cfg["squad_eval_source"]
+def same_squad_source(a: str, b: str) -> bool:
+    """Two squad_*_source values name the same data (./x.json and ../dir/x.json may name one file)."""
     if a.endswith(".json") and b.endswith(".json"):
-        return os.path.realpath(a) == os.path.realpath(b)      # ./x.json and ../dir/x.json may name one file
+        return os.path.realpath(a) == os.path.realpath(b)
     return a == b
+
+
+def _same_squad_source(cfg: dict) -> bool:
+    return same_squad_source(cfg["squad_train_source"], cfg["squad_eval_source"])
 
 
 def _squad_problems(cfg: dict) -> list[str]:
