@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
+
+from engine.errors import cli_main
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -31,3 +34,10 @@ def checked_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA GPU here; use --device cpu")
     return device
+
+
+def run_cli(parse_args, run, argv=None) -> int:
+    """A tool's main(): argv (default sys.argv[1:]) through parse_args, then run(args, argv) under cli_main
+    (a bad input ends as one line)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return cli_main(run, parse_args(argv), argv)

@@ -30,11 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import machine  # noqa: E402
 from custom_datasets.debug_params import load_recorded, record_prompt_params  # noqa: E402
 from custom_datasets.lm_corpus import split_tokens, window_starts  # noqa: E402
-from engine.errors import cli_main  # noqa: E402
 from engine.results import code_commit, weights_digest  # noqa: E402
 from models import MambaLMHeadModel  # noqa: E402
 from modules.hidden_attention import default_channels, hidden_attention  # noqa: E402
-from tools.cli import OneLineParser, checked_device, positive_int  # noqa: E402
+from tools.cli import OneLineParser, checked_device, positive_int, run_cli  # noqa: E402
 from tools.provenance import public_command, public_path  # noqa: E402
 
 PATH_OPTIONS = {"--model": "<model>", "--corpus": "<corpus>", "--out": "<out>"}
@@ -116,8 +115,7 @@ def run(args, argv) -> int:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    return cli_main(run, parse_args(argv), argv)
+    return run_cli(parse_args, run, argv)
 
 
 if __name__ == "__main__":

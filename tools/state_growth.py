@@ -25,8 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from custom_datasets.lm_corpus import window_starts  # noqa: E402
-from engine.errors import cli_main  # noqa: E402
-from tools.cli import OneLineParser, checked_device, positive_int  # noqa: E402
+from tools.cli import OneLineParser, checked_device, positive_int, run_cli  # noqa: E402
 from tools.state_horizon import check_vocab, load_model, provenance, text_tokens, write_json  # noqa: E402
 
 
@@ -112,9 +111,7 @@ def run(args, argv) -> int:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    return cli_main(run, args, argv)
+    return run_cli(parse_args, run, argv)
 
 
 if __name__ == "__main__":

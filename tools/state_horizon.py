@@ -49,10 +49,10 @@ sys.path.insert(0, REPO)
 from benchmarks.common import git_rev, machine  # noqa: E402
 from custom_datasets.lm_corpus import split_tokens, window_starts  # noqa: E402  (as tools/mean_distance.py)
 from custom_datasets.sources import GPT_NEOX, load_tokenizer  # noqa: E402
-from engine.errors import BadFileError, cli_main  # noqa: E402
+from engine.errors import BadFileError  # noqa: E402
 from engine.results import weights_digest  # noqa: E402
 from models import MambaLMHeadModel  # noqa: E402  (as tools/mean_distance.py loads --model)
-from tools.cli import OneLineParser, checked_device, positive_int  # noqa: E402
+from tools.cli import OneLineParser, checked_device, positive_int, run_cli  # noqa: E402
 from tools.provenance import public_command, public_path  # noqa: E402
 
 THRESHOLDS = (2048, 131072, 1048576)          # tokens: the 2K pretraining length, 128K, 1M
@@ -269,9 +269,7 @@ def run(args, argv) -> int:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    return cli_main(run, args, argv)
+    return run_cli(parse_args, run, argv)
 
 
 if __name__ == "__main__":
