@@ -169,6 +169,16 @@ def one_line_stderr(capsys, *needles) -> str:
     return err
 
 
+def usage_error_is_one_line(main, argv, capsys, *needles) -> str:
+    """main(argv) stops at argument parsing with exit status 2 and one line on stderr holding every needle."""
+    import pytest
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    return one_line_stderr(capsys, *needles)
+
+
 def prompt_positions(kept_indices):
     """LMOutput.kept_indices -> [(layer, kept positions in the prompt)], (k,) for batch 1, (b, k) per row
     otherwise. Each layer's indices point into its own input, the previous decimating layer's kept

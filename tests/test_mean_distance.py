@@ -13,7 +13,7 @@ from custom_datasets.tokenize_corpus import main as tokenize_main
 from engine import results
 from engine.results import weights_digest
 from models import MambaConfig, MambaLMHeadModel
-from tests.helpers import one_line_stderr, randomize
+from tests.helpers import one_line_stderr, randomize, usage_error_is_one_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -92,10 +92,7 @@ def test_missing_corpus_folder_is_one_line_naming_it(tmp_path, capsys):
 
 @pytest.mark.parametrize("opt,value", [("--windows", "0"), ("--tokens", "abc"), ("--channels", "-3")])
 def test_bad_number_is_one_line(opt, value, capsys):
-    with pytest.raises(SystemExit) as exc:
-        md.main(["--model", "m", "--corpus", "c", opt, value])
-    assert exc.value.code == 2
-    one_line_stderr(capsys, "error:", opt, value)
+    usage_error_is_one_line(md.main, ["--model", "m", "--corpus", "c", opt, value], capsys, "error:", opt, value)
 
 
 @pytest.mark.parametrize("value", ["0", "1.5"])

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from models import MambaConfig, MambaLMHeadModel
-from tests.helpers import one_line_stderr, randomize
+from tests.helpers import one_line_stderr, randomize, usage_error_is_one_line
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 import state_horizon as sh  # noqa: E402
@@ -159,10 +159,7 @@ def test_missing_model_folder_is_one_line_naming_it(tmp_path, capsys):
 
 @pytest.mark.parametrize("opt,value", [("--tokens", "abc"), ("--windows", "0"), ("--tokens", "-5")])
 def test_bad_number_is_one_line(opt, value, capsys):
-    with pytest.raises(SystemExit) as exc:
-        sh.main(["--model", "m", "--text", "t", opt, value])
-    assert exc.value.code == 2
-    one_line_stderr(capsys, "error:", opt, value)
+    usage_error_is_one_line(sh.main, ["--model", "m", "--text", "t", opt, value], capsys, "error:", opt, value)
 
 
 def test_text_shorter_than_a_window_is_one_line(tmp_path, capsys):
