@@ -106,7 +106,6 @@ def run(args, argv) -> int:
                             "rms": "root mean square of h over channels and states, mean over windows",
                             "ratio": "the value at a length over the value at train_len"},
             "rows": rows})
-        print(f"wrote {args.out}")
     return 0
 
 

@@ -185,12 +185,14 @@ def _finite(obj):
 
 
 def write_json(path: str, result: dict) -> None:
+    """Atomically (a temporary file, then a rename), and says so on stdout."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(_finite(result), f, indent=1)
         f.write("\n")
     os.replace(tmp, path)
+    print(f"wrote {path}")
 
 
 # ---------------------------------------------------------------------------- command line
@@ -264,7 +266,6 @@ def run(args, argv) -> int:
             "rows": rows, "model_fractions": whole,
         }
         write_json(args.out, result)
-        print(f"wrote {args.out}")
     return 0
 
 
