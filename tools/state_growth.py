@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from custom_datasets.lm_corpus import window_starts  # noqa: E402
-from tools.cli import OneLineParser, checked_device, positive_int, run_cli  # noqa: E402
-from tools.state_horizon import check_vocab, load_model, provenance, text_tokens, write_json  # noqa: E402
+from tools.cli import OneLineParser, positive_int, run_cli  # noqa: E402
+from tools.state_horizon import add_model_and_text, load_inputs, provenance, write_json  # noqa: E402
 
 
 @torch.no_grad()
@@ -65,12 +65,7 @@ def print_table(rows: list[dict], train_len: int, lengths: list[int]) -> None:
 
 def parse_args(argv):
     ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="checkpoint folder (config.json + model.safetensors)")
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--corpus", help="lm_corpus_dir of tokenized shards (custom_datasets/tokenize_corpus.py)")
-    src.add_argument("--text", help="a UTF-8 text file, e.g. data/wikitext-2-raw/wiki.valid.raw")
-    ap.add_argument("--split", default="validation", help="corpus split (with --corpus)")
-    ap.add_argument("--tokenizer", default=None, help="for --text: as tools/state_horizon.py")
+    add_model_and_text(ap)
     ap.add_argument("--train-len", type=positive_int, required=True, help="the model's training length")
     ap.add_argument("--lengths", type=positive_int, nargs="+", default=[8192, 32768], help="longer lengths")
     ap.add_argument("--chunk", type=positive_int, default=512, help="tokens per streamed chunk")
@@ -81,16 +76,13 @@ def parse_args(argv):
 
 
 def run(args, argv) -> int:
-    checked_device(args.device)
     lengths = sorted(set(args.lengths))
     bad = [p for p in [args.train_len, *lengths] if p % args.chunk]
     if bad:
         raise ValueError(f"--train-len / --lengths {bad}: not multiples of --chunk {args.chunk}")
     if lengths[0] <= args.train_len:
         raise ValueError(f"--lengths {lengths}: each must exceed --train-len {args.train_len}")
-    model = load_model(args.model, args.device)
-    toks, tok_path = text_tokens(args)
-    check_vocab(model, toks)
+    model, toks, tok_path = load_inputs(args)
     starts = window_starts(len(toks), lengths[-1], args.windows)
     points = [args.train_len, *lengths]
     per_window = [measure(model, torch.from_numpy(toks[s:s + lengths[-1]])[None].to(args.device), points, args.chunk)

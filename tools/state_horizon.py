@@ -222,8 +222,8 @@ def print_table(rows: list[dict], whole: dict) -> None:
     print(f"{'all':>5} | {cells(whole['mean'])} | {cells(whole['p1'])}")
 
 
-def parse_args(argv):
-    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_and_text(ap) -> None:
+    """--model and the text it reads (--corpus/--split or --text/--tokenizer), as tools/state_growth.py takes them."""
     ap.add_argument("--model", required=True, help="checkpoint folder (config.json + model.safetensors)")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--corpus", help="lm_corpus_dir of tokenized shards (custom_datasets/tokenize_corpus.py)")
@@ -232,6 +232,20 @@ def parse_args(argv):
     ap.add_argument("--tokenizer", default=None,
                     help="for --text: tokenizer.json or a folder holding one; default: the model folder's, "
                          "else the bundled GPT-NeoX-20B")
+
+
+def load_inputs(args):
+    """-> (model, token ids, tokenizer path) after the device, model and vocabulary checks (one-line errors)."""
+    checked_device(args.device)
+    model = load_model(args.model, args.device)
+    toks, tok_path = text_tokens(args)
+    check_vocab(model, toks)
+    return model, toks, tok_path
+
+
+def parse_args(argv):
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_and_text(ap)
     ap.add_argument("--tokens", type=positive_int, default=2048, help="tokens per window")
     ap.add_argument("--windows", type=positive_int, default=2, help="windows, evenly spaced over the text")
     ap.add_argument("--device", default="cpu")
@@ -240,10 +254,7 @@ def parse_args(argv):
 
 
 def run(args, argv) -> int:
-    checked_device(args.device)
-    model = load_model(args.model, args.device)
-    toks, tok_path = text_tokens(args)
-    check_vocab(model, toks)
+    model, toks, tok_path = load_inputs(args)
     starts = window_starts(len(toks), args.tokens, args.windows)
     windows = [torch.from_numpy(toks[s:s + args.tokens])[None].to(args.device) for s in starts]
     rows, whole = layer_rows(measure(model, windows))
