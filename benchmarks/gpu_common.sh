@@ -12,7 +12,12 @@ build_bg() {  # DEVICE_DIR LOG: the kernel build (../shared/device/build_kernels
   BUILD=""    # Under DECIMAMBA_SCAN=triton the Triton scan's GPU tests run first (about a minute): passed, nothing
   if triton_mode; then   # is built (BUILD stays empty); failed, the kernels are built and mamba-ssm's scan serves
     if python3 -m pytest -q -x -m gpu tests/test_triton_scan_bwd.py > "$2" 2>&1; then
-      echo "DECIMAMBA_SCAN=triton: its GPU tests passed at $(el) s; no kernel build" >> "$2"; return
+      echo "DECIMAMBA_SCAN=triton: its GPU tests passed at $(el) s; no kernel build" >> "$2"
+      if [ -n "${SCAN_BENCH:-}" ]; then   # SCAN_BENCH=1: its training-step speed first (about 40 s), into the log's folder
+        python3 benchmarks/bench_scan_bwd.py --max-seconds 40 --out "$(dirname "$2")/scan_bwd_h200" >> "$2" 2>&1
+        echo "bench_scan_bwd ended at $(el) s (exit $?)" >> "$2"
+      fi
+      return
     fi
     echo "DECIMAMBA_SCAN=triton: its GPU tests failed (above): building the kernels instead" >> "$2"; export DECIMAMBA_SCAN=
   fi

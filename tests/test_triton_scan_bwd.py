@@ -4,7 +4,8 @@ per-token loop differentiated by autograd (selective_scan_sequential), for every
 On CPU the kernels run in Triton's interpreter (a subprocess with TRITON_INTERPRET=1), on small
 shapes that reach every path: partial channel blocks, padded state sizes (n = 5), the model's strides,
 with and without an initial state and a gradient on the last state, channels taken in several
-slices (a small scratch bound), and the dispatcher's route for a call that wants a gradient. On a
+slices (a small scratch bound), the sequence cut into chunks (1-token last chunk, more
+chunks than the carry kernel's unrolled step) with and without slices, and the dispatcher's route for a call that wants a gradient. On a
 GPU: the compiled kernels against the pure-PyTorch scan at 4K tokens, and a model's training step.
 Tolerance: fp32 state and sums in another order against fp64; observed <= 4e-7 of each gradient's
 largest value in the interpreter, 1e-5 is a 25x margin.
@@ -60,12 +61,16 @@ def assert_close_to_oracle(got, want, rel=1e-5):
         assert err < rel, (k, err)
 
 
-# (name, shape (b, d, l, n), initial state, gradient on the last state, layout, scratch bound in bytes)
+# (name, shape (b, d, l, n), initial state, gradient on the last state, layout, scratch bound in bytes,
+#  tokens per chunk: None = one chunk, as the CPU plans it)
 CASES = [
-    ("model_strides_h0_last", (2, 24, 37, 16), True, True, "model", None),
-    ("contiguous_n5_no_h0", (1, 20, 21, 5), False, False, "contiguous", None),
-    ("three_channel_slices", (2, 72, 19, 8), True, True, "model", 2 * 19 * 8 * 4 * 32),   # 32, 32, 8 channels
-    ("three_blocks_one_slice", (2, 72, 13, 8), True, True, "model", None),               # gB/gC: 3 blocks' sums
+    ("model_strides_h0_last", (2, 24, 37, 16), True, True, "model", None, None),
+    ("contiguous_n5_no_h0", (1, 20, 21, 5), False, False, "contiguous", None, None),
+    ("three_channel_slices", (2, 72, 19, 8), True, True, "model", 2 * 19 * 8 * 4 * 32, None),   # 32, 32, 8 channels
+    ("three_blocks_one_slice", (2, 72, 13, 8), True, True, "model", None, None),               # gB/gC: 3 blocks' sums
+    ("chunks_h0_last", (2, 24, 37, 16), True, True, "model", None, 16),                        # 16, 16, 5 tokens
+    ("six_chunks_last_no_h0", (1, 20, 21, 5), False, True, "contiguous", None, 4),             # carry: 2 unrolled steps
+    ("chunks_and_slices", (2, 72, 19, 8), True, False, "model", 2 * 19 * 8 * 4 * 32, 8),       # 8, 8, 3 tokens
 ]
 
 
@@ -75,8 +80,9 @@ def check_interpreter():
     from modules import triton_scan_bwd
 
     bwd = triton_scan_bwd.scan_backward
-    for name, (b, d, l, n), h0, last_grad, layout, scratch in CASES:
-        triton_scan_bwd.scan_backward = functools.partial(bwd, scratch_bytes=scratch) if scratch else bwd
+    for name, (b, d, l, n), h0, last_grad, layout, scratch, chunk in CASES:
+        triton_scan_bwd.scan_backward = functools.partial(bwd, scratch_bytes=scratch or triton_scan_bwd.SCRATCH_BYTES,
+                                                          chunk=chunk)
         want = grads(ss.selective_scan_sequential, make_inputs(b, d, l, n, torch.float64, h0, layout), last_grad)
         got = grads(ss.selective_scan_triton, make_inputs(b, d, l, n, torch.float32, h0, layout), last_grad)
         assert_close_to_oracle(got, want)
@@ -103,15 +109,31 @@ def test_triton_scan_backward_interpreter():
     assert out.count("ok ") == len(CASES) + 1, out
 
 
+def test_chunk_plan_fills_the_warp_slots():
+    # tokens per chunk: whole where batch x channel blocks fill the slots, else enough chunks to (values by hand)
+    from modules.triton_scan_bwd import MIN_CHUNK, plan_chunk
+
+    assert plan_chunk(4000, 2048, 2112) == 2048       # enough programs: one chunk
+    assert plan_chunk(448, 2048, 2112) == 416         # our LM's training shape on an H200: 5 chunks, 2,240 programs
+    assert plan_chunk(1, 100, 2112) == MIN_CHUNK      # no chunk below MIN_CHUNK tokens
+    assert plan_chunk(10, 50, 2112) == 50             # a sequence shorter than that stays whole
+    assert plan_chunk(50, 4100, 2112) == 96           # the GPU test below: 43 chunks
+
+
 @requires_cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("h0", [False, True], ids=["zero-state", "initial-state"])
-def test_compiled_backward_equals_torch_scan(h0):
+@pytest.mark.parametrize("h0,chunk", [(False, None), (True, None), (True, 4100)],
+                         ids=["zero-state", "initial-state", "initial-state-one-chunk"])
+def test_compiled_backward_equals_torch_scan(monkeypatch, h0, chunk):
     # the compiled kernels against the pure-PyTorch scan (itself checked against the fp64 loop on CPU),
-    # fp32, 4,100 tokens (not a multiple of any block), the model's strides
+    # fp32, 4,100 tokens (not a multiple of any block), the model's strides; the planned chunks (43 on
+    # an H200: 2 rows x 25 blocks of 8 channels) and one chunk
+    from modules import triton_scan_bwd
     from modules.selective_scan import selective_scan_ref, selective_scan_triton
 
     inp = make_inputs(2, 200, 4100, 16, torch.float32, h0, device="cuda")
+    if chunk:
+        monkeypatch.setattr(triton_scan_bwd, "scan_backward", functools.partial(triton_scan_bwd.scan_backward, chunk=chunk))
     got = grads(selective_scan_triton, inp, h0)
     want = grads(selective_scan_ref, inp, h0)
     assert_close_to_oracle(got, want, rel=1e-4)     # fp32 both; sums over 4K tokens in different orders
