@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from modules import kernels
+from modules.conv import causal_conv
 from modules.decimation import DecimationConfig, gather_tokens, kept_from_scores, token_scores
 from modules.ssd import INT32_MAX, conv_input, ssd_scan, ssd_step, step_size
 
@@ -157,7 +158,7 @@ class Mamba2Mixer(nn.Module):
             xBC = kernels.causal_conv1d_fn(xk, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                            activation="silu")[..., prev:]
         else:
-            xBC = F.silu(self.conv1d(xBC)[..., prev:prev + length])
+            xBC = F.silu(causal_conv(xBC, self.conv1d, prev, length))
         x, B, C = torch.split(xBC.transpose(1, 2), [self.d_inner, self.ngroups * self.d_state,
                                                     self.ngroups * self.d_state], dim=-1)   # 3a
         return (x.reshape(bsz, length, self.nheads, self.headdim), dt,

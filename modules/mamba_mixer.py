@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from modules import kernels
+from modules.conv import causal_conv
 from modules.decimation import DecimationConfig, gather_tokens, kept_from_scores, kept_indices, token_scores
 from modules.selective_scan import scan_impl, selective_scan
 
@@ -127,7 +128,7 @@ class MambaMixer(nn.Module):
             x = kernels.causal_conv1d_fn(x.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                          activation="silu")[..., prev:]
         else:
-            x = F.silu(self.conv1d(x)[..., prev:prev + length])
+            x = F.silu(causal_conv(x, self.conv1d, prev, length))
         x_dbl = self.x_proj(x.transpose(1, 2))                                              # 3a: (b, l, r + 2n)
         dt, B, C = self._select_norms(torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1))
         dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)                                 # (b, e, l), no bias yet
