@@ -54,16 +54,14 @@ def _linear_scan(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) 
     b = b.view(bsz, d, n_chunks, t_len, n)
     a = log_a.exp()                                          # (B, D, C, T, N)
     h = torch.empty_like(b)
-    cur = b[:, :, :, 0]
-    h[:, :, :, 0] = cur
-    for t in range(1, t_len):                                # local scans of all chunks at once
-        cur = torch.addcmul(b[:, :, :, t], a[:, :, :, t], cur)
-        h[:, :, :, t] = cur
+    h[:, :, :, 0] = b[:, :, :, 0]
+    for t in range(1, t_len):                                # local scans of all chunks at once, in place
+        torch.addcmul(b[:, :, :, t], a[:, :, :, t], h[:, :, :, t - 1], out=h[:, :, :, t])
     decay = torch.cumsum(log_a, dim=3).exp_()                # (B, D, C, T, N) decay since chunk start
     carry = torch.empty(bsz, d, n_chunks, n, dtype=b.dtype, device=b.device)
     carry[:, :, 0] = 0 if h0 is None else h0
     for c in range(1, n_chunks):                             # state entering each chunk
-        carry[:, :, c] = torch.addcmul(h[:, :, c - 1, -1], decay[:, :, c - 1, -1], carry[:, :, c - 1])
+        torch.addcmul(h[:, :, c - 1, -1], decay[:, :, c - 1, -1], carry[:, :, c - 1], out=carry[:, :, c])
     h.addcmul_(decay, carry.unsqueeze(3))
     return h.view(bsz, d, n_chunks * t_len, n)[:, :, :length]
 
