@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import random
 
 import torch
 import torch.nn.functional as F
 
 from custom_datasets.base import Task, TrainChunk, length_curve_summary, sample_seed
+from engine.errors import BadFileError
 
 EVAL_BATCH = 8
 
@@ -31,7 +33,25 @@ def load_split(pg19_dir: str, split: str) -> list[dict]:
         raise FileNotFoundError(
             f"{path!r} does not exist: pre-tokenise PG-19 first (python custom_datasets/tokenize_pg19.py --eval_only, "
             f"or --books_dir DIR for local books), or set pg19_dir")
-    return torch.load(path, weights_only=True)
+    what = (f"expected a list of {{short_book_title, input_tokens: LongTensor (1, T)}} as "
+            f"custom_datasets/tokenize_pg19.py writes: tokenise the books again")
+    try:
+        books = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's message suggests weights_only=False, which would run the file's code: not offered here
+        raise BadFileError(f"{path}: refused by the safe loader (weights_only=True): damaged, or holds Python "
+                           f"objects besides tensors; {what}") from None
+    except (RuntimeError, EOFError, ValueError, LookupError) as exc:   # what damaged bytes raise (tests: test_tasks)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BadFileError(f"{path}: not a readable PyTorch file ({first}); {what}") from None
+    if not isinstance(books, list):
+        raise BadFileError(f"{path}: holds a {type(books).__name__}, not a list of books; {what}")
+    for i, book in enumerate(books):
+        t = book.get("input_tokens") if isinstance(book, dict) else None
+        if not (isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == 1 and not t.is_floating_point()
+                and not t.is_complex() and t.dtype != torch.bool):
+            raise BadFileError(f"{path}: book {i} has no input_tokens of integer shape (1, T); {what}")
+    return books
 
 
 class PG19Task(Task):
