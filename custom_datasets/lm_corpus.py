@@ -15,7 +15,6 @@ over all predicted tokens (the task score: mean over lengths, lower is better).
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
 import random
@@ -25,27 +24,30 @@ import torch
 import torch.nn.functional as F
 
 from custom_datasets.base import Task, TrainChunk, length_curve_summary, sample_seed
+from engine.errors import BadFileError, read_json
 
 EVAL_BATCH = 8
 
 
 class Shard:
     def __init__(self, bin_path: str):
-        meta_path = bin_path[:-4] + ".json"
+        meta_path, redo = bin_path[:-4] + ".json", "rewrite it with custom_datasets/tokenize_corpus.py"
         if not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"corpus shard {bin_path!r} has no {os.path.basename(meta_path)} beside it; "
-                                    f"rewrite it with custom_datasets/tokenize_corpus.py")
-        with open(meta_path) as f:
-            try:
-                self.meta = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{meta_path}: not valid JSON ({exc}); rewrite it with tokenize_corpus.py") from None
+            raise FileNotFoundError(f"corpus shard {bin_path!r} has no {os.path.basename(meta_path)} beside it; {redo}")
+        self.meta = meta = read_json(meta_path, redo)
+        n = meta.get("tokens") if isinstance(meta, dict) else None
+        if type(n) is not int or n < 0:                   # type(): a JSON true is no token count
+            found = ("not a JSON object" if not isinstance(meta, dict) else
+                     f"'tokens': {n!r}" if "tokens" in meta else "no 'tokens'")
+            raise BadFileError(f"{meta_path}: {found}; a shard's .json is an object whose 'tokens' is its token "
+                               f"count, an integer >= 0: {redo}")
         size = os.path.getsize(bin_path)
-        if size != 2 * self.meta["tokens"]:
-            raise ValueError(f"{bin_path}: {size} bytes but its .json says {self.meta['tokens']} uint16 tokens "
-                             f"(truncated copy?); rewrite it with tokenize_corpus.py")
+        if size != 2 * n:
+            raise BadFileError(f"{bin_path}: {size} bytes but its .json says {n} uint16 tokens "
+                               f"(truncated copy?); {redo}")
         self.path = bin_path
-        self.tokens = np.memmap(bin_path, dtype="<u2", mode="r")
+        # numpy cannot map an empty file: a shard of no books is an empty array
+        self.tokens = np.memmap(bin_path, dtype="<u2", mode="r") if n else np.zeros(0, dtype="<u2")
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -12,6 +12,7 @@ import torch
 from custom_datasets.lm_corpus import LMCorpusTask, Shard
 from custom_datasets.sources import BUNDLED_TOKENIZER, load_tokenizer
 from custom_datasets.tokenize_corpus import main as tokenize_main
+from engine.errors import BadFileError
 
 BOOKS = {"101": "It was a dark and stormy night; the rain fell in torrents. " * 40,
          "102": "Call me Ishmael. Some years ago, never mind how long precisely. " * 30}
@@ -67,6 +68,51 @@ def test_truncated_shard_is_one_clear_error(corpus):
         f.truncate(os.path.getsize(path) - 2)
     with pytest.raises(ValueError, match="truncated copy"):
         Shard(str(path))
+
+
+@pytest.mark.parametrize("text,found", [("{}", "no 'tokens'"), ("[1]", "not a JSON object"),
+                                        ('{"tokens": true}', "'tokens': True"), ('{"tokens": -2}', "'tokens': -2"),
+                                        ('{"tokens": "8"}', "'tokens': '8'"), ("", "not valid JSON"),
+                                        ('{"tokens": 1', "not valid JSON")])
+def test_bad_shard_json_is_one_clear_error(corpus, text, found):
+    (corpus / "train.train.json").write_text(text)
+    with pytest.raises(BadFileError) as e:
+        Shard(str(corpus / "train.train.bin"))
+    assert str(e.value).startswith(f"{corpus / 'train.train.json'}: {found}") and "tokenize_corpus.py" in str(e.value)
+
+
+def _tiny_model(path):
+    from models import MambaConfig, MambaLMHeadModel
+
+    MambaLMHeadModel(MambaConfig(d_model=16, n_layer=2, vocab_size=50280, ssm_cfg={"d_state": 4})).save_pretrained(path)
+
+
+@pytest.mark.parametrize("text", ["{}", "[1]"])
+@pytest.mark.parametrize("entry", ["finetune_ssm", "state_horizon"])
+def test_bad_shard_json_through_the_command_lines(corpus, tmp_path, capsys, text, entry):
+    from tests.helpers import one_line_stderr
+
+    (corpus / "validation.validation.json").write_text(text)
+    if entry == "state_horizon":
+        from tools import state_horizon
+
+        _tiny_model(str(tmp_path / "m"))
+        rc = state_horizon.main(["--model", str(tmp_path / "m"), "--corpus", str(corpus), "--split", "validation"])
+    else:
+        import finetune_ssm
+
+        conf = {"dataset": "lm_corpus", "lm_corpus_dir": str(corpus), "output_dir": str(tmp_path), "decimating_layers": [1],
+                "activate_logging": False, "scratch_model_config": {"d_model": 16, "n_layer": 2, "ssm_cfg": {"d_state": 4}}}
+        (tmp_path / "c.json").write_text(json.dumps(conf))
+        rc = finetune_ssm.main(["--config", str(tmp_path / "c.json"), "--device", "cpu", "--run-name", "r"])
+    assert rc == 1
+    one_line_stderr(capsys, f"{corpus / 'validation.validation.json'}: ", "tokenize_corpus.py")
+
+
+def test_a_shard_of_no_tokens_loads_empty(corpus):
+    (corpus / "train.none.bin").write_bytes(b"")           # numpy cannot memory-map an empty file
+    (corpus / "train.none.json").write_text('{"tokens": 0}')
+    assert len(Shard(str(corpus / "train.none.bin"))) == 0
 
 
 def test_train_items_are_windows_and_deterministic(corpus):
