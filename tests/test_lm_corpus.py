@@ -62,6 +62,17 @@ def test_rerun_keeps_shard_and_other_input_is_refused(corpus, tmp_path, capsys):
     assert len(err) == 1 and "exists for another input" in err[0]
 
 
+@pytest.mark.parametrize("text", ["[1]", ""])
+def test_rerun_over_a_damaged_shard_json_is_one_line(corpus, tmp_path, capsys, text):
+    from tests.helpers import one_line_stderr
+
+    make_tar(tmp_path / "train.tar.xz", BOOKS)
+    (corpus / "train.train.json").write_text(text)
+    capsys.readouterr()
+    assert tokenize_main(["--split", "train", "--out", str(corpus), str(tmp_path / "train.tar.xz")]) == 1
+    one_line_stderr(capsys, f"{corpus / 'train.train.json'}: ", "run again")
+
+
 def test_truncated_shard_is_one_clear_error(corpus):
     path = corpus / "train.train.bin"
     with open(path, "r+b") as f:
