@@ -167,6 +167,32 @@ def test_eval_perplexity_equals_direct_computation(corpus):
     assert res["score"] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)   # fp32 sums in another order
 
 
+def test_length_no_shard_reaches_is_recorded_and_left_out_of_the_score(corpus, capsys):
+    from tests.helpers import one_line_stderr
+
+    capsys.readouterr()
+    longest = len(Shard(str(corpus / "validation.validation.bin")))
+    tok = load_tokenizer(BUNDLED_TOKENIZER)
+    task = LMCorpusTask(cfg(corpus, lm_eval_context_lens=[32, 64, 100_000]), tok, train=False)
+    one_line_stderr(capsys, f"lm_eval_context_lens [100000]: no validation shard is longer (longest: {longest:,} tokens")
+    rec = task.run_cell(None, {"ctx_len": 100_000}, "cpu")           # nothing to measure: the model is not called
+    assert rec["windows"] == 0 and rec["scored_tokens"] == 0 and math.isnan(rec["score"])
+    assert rec["note"] == f"no windows: no validation shard is longer than 100,000 tokens (longest: {longest:,})"
+    measured = [{"ctx_len": 32, "score": 5.0, "windows": 4}, {"ctx_len": 64, "score": 7.0, "windows": 4}]
+    score, table = task.summarize(measured + [{"ctx_len": 100_000, **rec}])
+    assert score == 6.0 and table.splitlines()[-1] == "score: mean over 32, 64 only (no windows at 100K)"
+
+
+def test_an_empty_eval_split_has_no_windows(corpus):
+    for ext in ("bin", "json"):
+        os.remove(corpus / f"validation.validation.{ext}")
+    (corpus / "validation.none.bin").write_bytes(b"")
+    (corpus / "validation.none.json").write_text('{"tokens": 0}')
+    task = LMCorpusTask(cfg(corpus), load_tokenizer(BUNDLED_TOKENIZER), train=False)
+    assert task.windows(32) == []                                    # was a division by the split's 0 tokens
+    assert task.run_cell(None, {"ctx_len": 32}, "cpu")["windows"] == 0
+
+
 def test_missing_corpus_names_the_command(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenize_corpus.py"):
         LMCorpusTask(cfg(tmp_path / "nothing"), load_tokenizer(BUNDLED_TOKENIZER))

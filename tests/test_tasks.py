@@ -193,6 +193,37 @@ def test_pg19_windows_and_perplexity(tmp_path, tok):
     assert math.isclose(res["score"], 64, rel_tol=1e-6) and res["scored_tokens"] == 210
 
 
+def test_pg19_length_no_book_reaches_is_recorded_and_left_out_of_the_score(tmp_path, tok, capsys):
+    from tests.helpers import one_line_stderr
+
+    capsys.readouterr()
+    task = _pg19(tmp_path, tok, [60, 300])                   # window lengths 50 and 500: no book is longer than 500
+    one_line_stderr(capsys, "ppl_test_context_lens_eval [500]: no test book is longer (longest: 300 tokens)")
+    recs = [{**c, **task.run_cell(_Uniform(), c, "cpu")} for c in task.eval_cells()]
+    assert [r["windows"] for r in recs] == [11, 0] and recs[1]["scored_tokens"] == 0 and math.isnan(recs[1]["score"])
+    assert recs[1]["note"] == "no windows: no test book is longer than 500 tokens (longest: 300)"
+    score, table = task.summarize(recs)
+    assert math.isclose(score, 64, rel_tol=1e-6)             # the 50-token length alone; fp32 sums of log 64
+    assert "no windows" in table and table.splitlines()[-1] == "score: mean over 50 only (no windows at 500)"
+
+
+def test_length_curve_summary_says_what_it_averaged():
+    from custom_datasets.base import length_curve_summary
+
+    nan = float("nan")
+    old = {"ctx_len": 4000, "score": nan, "windows": 0}      # a record written before 'note' existed
+    score, table = length_curve_summary([{"ctx_len": 2000, "score": 30.0, "windows": 3}, old,
+                                         {"ctx_len": 1000, "score": 10.0, "windows": 5}], "ppl")
+    assert score == 20.0 and table.splitlines()[-1] == "score: mean over 1K, 2K only (no windows at 4K)"
+    score, table = length_curve_summary([{"ctx_len": 1000, "score": 10.0, "windows": 5}], "ppl")
+    assert score == 10.0 and "score:" not in table          # every length measured: the table as before
+    score, table = length_curve_summary([old], "ppl")
+    assert math.isnan(score) and table.splitlines()[-1] == "score: none (no windows at any length: 4K)"
+    score, _ = length_curve_summary([{"ctx_len": 1000, "score": nan, "windows": 5},   # measured NaN: a diverged
+                                     {"ctx_len": 2000, "score": 10.0, "windows": 5}], "ppl")   # model is no score
+    assert math.isnan(score)
+
+
 def test_pg19_chunks_train_every_target_once(tmp_path, tok):
     task = _pg19(tmp_path, tok, [300])
     task.chunks = 2
