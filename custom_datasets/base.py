@@ -6,6 +6,7 @@ a printed table and plots (drawn from the records only).
 """
 from __future__ import annotations
 
+import sys
 import zlib
 from dataclasses import dataclass
 
@@ -71,12 +72,35 @@ def length_label(n: int) -> str:
     return str(n)
 
 
+def warn_no_windows(lengths, longest: int, setting: str, what: str) -> None:
+    """One warning line up front naming the window lengths no document is longer than: their cells
+    are recorded with no windows (no_window_record) and left out of the score (length_curve_summary)."""
+    short = sorted(w for w in lengths if w >= longest)
+    if short:
+        print(f"warning: {setting} {short}: no {what} is longer (longest: {longest:,} tokens); these lengths "
+              f"are recorded with no windows and left out of the score", file=sys.stderr)
+
+
+def no_window_record(w: int, longest: int, what: str) -> dict:
+    """run_cell's record of a length no document is longer than: nothing measured, and it says so."""
+    return {"score": float("nan"), "windows": 0, "scored_tokens": 0, "mean_nll": None,
+            "note": f"no windows: no {what} is longer than {w:,} tokens (longest: {longest:,})"}
+
+
 def length_curve_summary(records: list[dict], row_label: str) -> tuple[float, str]:
-    """(mean score over the window lengths, one-row table by length) of a perplexity-by-length task."""
+    """(mean score over the window lengths that had windows, one-row table by length) of a
+    perplexity-by-length task. A length with no window shows "no windows" and a line under the
+    table names the lengths the mean is over; a measured NaN (a diverged model) makes the mean NaN."""
     records = sorted(records, key=lambda r: r["ctx_len"])
-    vals = [r["score"] for r in records if r["score"] == r["score"]]
-    table = pretty_table(["ctx len"] + [length_label(r["ctx_len"]) for r in records],
-                         [[row_label] + [f"{r['score']:.2f}" for r in records]])
+    measured = [r.get("windows") != 0 for r in records]         # records before 'note' also hold windows: 0
+    vals = [r["score"] for r, m in zip(records, measured) if m]
+    cells = [f"{r['score']:.2f}" if m else "no windows" for r, m in zip(records, measured)]
+    table = pretty_table(["ctx len"] + [length_label(r["ctx_len"]) for r in records], [[row_label] + cells])
+    if not all(measured):
+        skipped = ", ".join(length_label(r["ctx_len"]) for r, m in zip(records, measured) if not m)
+        kept = ", ".join(length_label(r["ctx_len"]) for r, m in zip(records, measured) if m)
+        table += (f"\nscore: mean over {kept} only (no windows at {skipped})" if vals else
+                  f"\nscore: none (no windows at any length: {skipped})")
     return (sum(vals) / len(vals) if vals else float("nan")), table
 
 

@@ -10,12 +10,13 @@ Training samples are random windows of ``lm_context_len_train`` tokens: sample `
 a sample is a pure function of its position and a resumed run draws the same windows. The loss is
 next-token cross-entropy over every position. Evaluation: for each window length, the split's
 tokens are cut into ``lm_eval_windows`` evenly spaced windows; the cell's score is the perplexity
-over all predicted tokens (the task score: mean over lengths, lower is better).
+over all predicted tokens (the task score: mean over lengths, lower is better). A length no shard
+is longer than has no window: said up front, recorded as "no windows" and left out of the mean,
+which the table then names (custom_datasets/base.py).
 """
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
 import random
@@ -24,28 +25,32 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from custom_datasets.base import Task, TrainChunk, length_curve_summary, sample_seed
+from custom_datasets.base import (Task, TrainChunk, length_curve_summary, no_window_record, sample_seed,
+                                  warn_no_windows)
+from engine.errors import BadFileError, read_json
 
 EVAL_BATCH = 8
 
 
 class Shard:
     def __init__(self, bin_path: str):
-        meta_path = bin_path[:-4] + ".json"
+        meta_path, redo = bin_path[:-4] + ".json", "rewrite it with custom_datasets/tokenize_corpus.py"
         if not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"corpus shard {bin_path!r} has no {os.path.basename(meta_path)} beside it; "
-                                    f"rewrite it with custom_datasets/tokenize_corpus.py")
-        with open(meta_path) as f:
-            try:
-                self.meta = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{meta_path}: not valid JSON ({exc}); rewrite it with tokenize_corpus.py") from None
+            raise FileNotFoundError(f"corpus shard {bin_path!r} has no {os.path.basename(meta_path)} beside it; {redo}")
+        self.meta = meta = read_json(meta_path, redo)
+        n = meta.get("tokens") if isinstance(meta, dict) else None
+        if type(n) is not int or n < 0:                   # type(): a JSON true is no token count
+            found = ("not a JSON object" if not isinstance(meta, dict) else
+                     f"'tokens': {n!r}" if "tokens" in meta else "no 'tokens'")
+            raise BadFileError(f"{meta_path}: {found}; a shard's .json is an object whose 'tokens' is its token "
+                               f"count, an integer >= 0: {redo}")
         size = os.path.getsize(bin_path)
-        if size != 2 * self.meta["tokens"]:
-            raise ValueError(f"{bin_path}: {size} bytes but its .json says {self.meta['tokens']} uint16 tokens "
-                             f"(truncated copy?); rewrite it with tokenize_corpus.py")
+        if size != 2 * n:
+            raise BadFileError(f"{bin_path}: {size} bytes but its .json says {n} uint16 tokens "
+                               f"(truncated copy?); {redo}")
         self.path = bin_path
-        self.tokens = np.memmap(bin_path, dtype="<u2", mode="r")
+        # numpy cannot map an empty file: a shard of no books is an empty array
+        self.tokens = np.memmap(bin_path, dtype="<u2", mode="r") if n else np.zeros(0, dtype="<u2")
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -82,6 +87,9 @@ class LMCorpusTask(Task):
         super().__init__(cfg, tokenizer)
         self.ctx = cfg["lm_context_len_train"]
         self.eval_shards = load_split(cfg["lm_corpus_dir"], cfg["lm_eval_split"])
+        self.longest = max(len(s) for s in self.eval_shards)
+        self.doc = f"{cfg['lm_eval_split']} shard"        # what a window must fit in (windows cross books)
+        warn_no_windows(cfg["lm_eval_context_lens"], self.longest, "lm_eval_context_lens", self.doc)
         self.train_shards = load_split(cfg["lm_corpus_dir"], "train") if train else []
         sizes = np.array([max(0, len(s) - self.ctx) for s in self.train_shards], dtype=np.float64)
         if train and sizes.sum() == 0:
@@ -108,9 +116,9 @@ class LMCorpusTask(Task):
         n = self.cfg["lm_eval_windows"]
         out = []
         for shard in self.eval_shards:              # windows spread over the shards by their size
-            share = max(1, round(n * len(shard) / sum(len(s) for s in self.eval_shards)))
             if len(shard) <= w:
-                continue
+                continue                            # (also every empty shard: no division by a total of 0)
+            share = max(1, round(n * len(shard) / sum(len(s) for s in self.eval_shards)))
             for s in np.linspace(0, len(shard) - w - 1, share).astype(np.int64):
                 out.append(np.asarray(shard.tokens[s:s + w + 1], dtype=np.int64))
         return out
@@ -121,13 +129,14 @@ class LMCorpusTask(Task):
     def run_cell(self, model, cell, device):
         w = cell["ctx_len"]
         nll, count, wins = 0.0, 0, self.windows(w)
+        if not wins:
+            return no_window_record(w, self.longest, self.doc)
         for i in range(0, len(wins), EVAL_BATCH):
             x = torch.from_numpy(np.stack(wins[i:i + EVAL_BATCH])).to(device)
             logits = model(x[:, :-1], num_last_tokens=w).logits.float()
             nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum").item()
             count += x.shape[0] * w
-        ppl = math.exp(nll / count) if count else float("nan")
-        return {"score": ppl, "windows": len(wins), "scored_tokens": count, "mean_nll": nll / count if count else None}
+        return {"score": math.exp(nll / count), "windows": len(wins), "scored_tokens": count, "mean_nll": nll / count}
 
     def summarize(self, records):
         return length_curve_summary(records, "perplexity")

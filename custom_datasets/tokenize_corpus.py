@@ -28,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from custom_datasets.sources import GPT_NEOX, load_tokenizer  # noqa: E402
+from engine.errors import BadFileError, read_json  # noqa: E402
 
 BATCH_BOOKS = 64
 
@@ -141,8 +142,10 @@ def main(argv=None) -> int:
             src_sha = sha256_file(src) if os.path.isfile(src) else None
             base = os.path.join(args.out, f"{args.split}.{shard_tag(src)}")
             if os.path.isfile(base + ".json"):
-                with open(base + ".json") as f:
-                    old = json.load(f)
+                old = read_json(base + ".json", "remove it (and its .bin) and run again")
+                if not isinstance(old, dict):
+                    raise BadFileError(f"{base}.json: not a JSON object (a shard description); remove it (and "
+                                       f"its .bin) and run again")
                 if (old.get("source_sha256"), old.get("tokenizer_sha256")) != (src_sha, tok_sha):
                     raise ValueError(f"{base}.json exists for another input or tokenizer; remove it or choose another --out")
                 print(f"{base}.bin: already tokenized from this input ({old['tokens']:,} tokens), kept")

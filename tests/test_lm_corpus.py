@@ -12,6 +12,7 @@ import torch
 from custom_datasets.lm_corpus import LMCorpusTask, Shard
 from custom_datasets.sources import BUNDLED_TOKENIZER, load_tokenizer
 from custom_datasets.tokenize_corpus import main as tokenize_main
+from engine.errors import BadFileError
 
 BOOKS = {"101": "It was a dark and stormy night; the rain fell in torrents. " * 40,
          "102": "Call me Ishmael. Some years ago, never mind how long precisely. " * 30}
@@ -61,12 +62,68 @@ def test_rerun_keeps_shard_and_other_input_is_refused(corpus, tmp_path, capsys):
     assert len(err) == 1 and "exists for another input" in err[0]
 
 
+@pytest.mark.parametrize("text", ["[1]", ""])
+def test_rerun_over_a_damaged_shard_json_is_one_line(corpus, tmp_path, capsys, text):
+    from tests.helpers import one_line_stderr
+
+    make_tar(tmp_path / "train.tar.xz", BOOKS)
+    (corpus / "train.train.json").write_text(text)
+    capsys.readouterr()
+    assert tokenize_main(["--split", "train", "--out", str(corpus), str(tmp_path / "train.tar.xz")]) == 1
+    one_line_stderr(capsys, f"{corpus / 'train.train.json'}: ", "run again")
+
+
 def test_truncated_shard_is_one_clear_error(corpus):
     path = corpus / "train.train.bin"
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) - 2)
     with pytest.raises(ValueError, match="truncated copy"):
         Shard(str(path))
+
+
+@pytest.mark.parametrize("text,found", [("{}", "no 'tokens'"), ("[1]", "not a JSON object"),
+                                        ('{"tokens": true}', "'tokens': True"), ('{"tokens": -2}', "'tokens': -2"),
+                                        ('{"tokens": "8"}', "'tokens': '8'"), ("", "not valid JSON"),
+                                        ('{"tokens": 1', "not valid JSON")])
+def test_bad_shard_json_is_one_clear_error(corpus, text, found):
+    (corpus / "train.train.json").write_text(text)
+    with pytest.raises(BadFileError) as e:
+        Shard(str(corpus / "train.train.bin"))
+    assert str(e.value).startswith(f"{corpus / 'train.train.json'}: {found}") and "tokenize_corpus.py" in str(e.value)
+
+
+def _tiny_model(path):
+    from models import MambaConfig, MambaLMHeadModel
+
+    MambaLMHeadModel(MambaConfig(d_model=16, n_layer=2, vocab_size=50280, ssm_cfg={"d_state": 4})).save_pretrained(path)
+
+
+@pytest.mark.parametrize("text", ["{}", "[1]"])
+@pytest.mark.parametrize("entry", ["finetune_ssm", "state_horizon"])
+def test_bad_shard_json_through_the_command_lines(corpus, tmp_path, capsys, text, entry):
+    from tests.helpers import one_line_stderr
+
+    (corpus / "validation.validation.json").write_text(text)
+    if entry == "state_horizon":
+        from tools import state_horizon
+
+        _tiny_model(str(tmp_path / "m"))
+        rc = state_horizon.main(["--model", str(tmp_path / "m"), "--corpus", str(corpus), "--split", "validation"])
+    else:
+        import finetune_ssm
+
+        conf = {"dataset": "lm_corpus", "lm_corpus_dir": str(corpus), "output_dir": str(tmp_path), "decimating_layers": [1],
+                "activate_logging": False, "scratch_model_config": {"d_model": 16, "n_layer": 2, "ssm_cfg": {"d_state": 4}}}
+        (tmp_path / "c.json").write_text(json.dumps(conf))
+        rc = finetune_ssm.main(["--config", str(tmp_path / "c.json"), "--device", "cpu", "--run-name", "r"])
+    assert rc == 1
+    one_line_stderr(capsys, f"{corpus / 'validation.validation.json'}: ", "tokenize_corpus.py")
+
+
+def test_a_shard_of_no_tokens_loads_empty(corpus):
+    (corpus / "train.none.bin").write_bytes(b"")           # numpy cannot memory-map an empty file
+    (corpus / "train.none.json").write_text('{"tokens": 0}')
+    assert len(Shard(str(corpus / "train.none.bin"))) == 0
 
 
 def test_train_items_are_windows_and_deterministic(corpus):
@@ -108,6 +165,32 @@ def test_eval_perplexity_equals_direct_computation(corpus):
         nll += (-logp[torch.arange(32), w[1:]]).tolist()
     assert res["scored_tokens"] == 4 * 32 and res["windows"] == 4
     assert res["score"] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)   # fp32 sums in another order
+
+
+def test_length_no_shard_reaches_is_recorded_and_left_out_of_the_score(corpus, capsys):
+    from tests.helpers import one_line_stderr
+
+    capsys.readouterr()
+    longest = len(Shard(str(corpus / "validation.validation.bin")))
+    tok = load_tokenizer(BUNDLED_TOKENIZER)
+    task = LMCorpusTask(cfg(corpus, lm_eval_context_lens=[32, 64, 100_000]), tok, train=False)
+    one_line_stderr(capsys, f"lm_eval_context_lens [100000]: no validation shard is longer (longest: {longest:,} tokens")
+    rec = task.run_cell(None, {"ctx_len": 100_000}, "cpu")           # nothing to measure: the model is not called
+    assert rec["windows"] == 0 and rec["scored_tokens"] == 0 and math.isnan(rec["score"])
+    assert rec["note"] == f"no windows: no validation shard is longer than 100,000 tokens (longest: {longest:,})"
+    measured = [{"ctx_len": 32, "score": 5.0, "windows": 4}, {"ctx_len": 64, "score": 7.0, "windows": 4}]
+    score, table = task.summarize(measured + [{"ctx_len": 100_000, **rec}])
+    assert score == 6.0 and table.splitlines()[-1] == "score: mean over 32, 64 only (no windows at 100K)"
+
+
+def test_an_empty_eval_split_has_no_windows(corpus):
+    for ext in ("bin", "json"):
+        os.remove(corpus / f"validation.validation.{ext}")
+    (corpus / "validation.none.bin").write_bytes(b"")
+    (corpus / "validation.none.json").write_text('{"tokens": 0}')
+    task = LMCorpusTask(cfg(corpus), load_tokenizer(BUNDLED_TOKENIZER), train=False)
+    assert task.windows(32) == []                                    # was a division by the split's 0 tokens
+    assert task.run_cell(None, {"ctx_len": 32}, "cpu")["windows"] == 0
 
 
 def test_missing_corpus_names_the_command(tmp_path):

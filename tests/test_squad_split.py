@@ -1,5 +1,6 @@
 """One local SQuAD file as training and evaluation data: split by title, never trained on the eval questions."""
 import json
+import os
 
 import pytest
 
@@ -117,6 +118,23 @@ def test_evaluating_a_fine_tune_on_its_own_file_holds_out_what_it_held_out(tmp_p
     msg = str(err.value)
     assert f"squad_heldout_titles={trained_held}" in msg and "questions it trained on" in msg
     assert (f"--set squad_heldout_titles={trained_held}" in msg) if trained_held else ("another file" in msg)
+
+
+@pytest.mark.parametrize("spelling", ["dots", "relative", "symlink"])
+def test_the_file_it_trained_on_under_another_path_is_still_checked(tmp_path, monkeypatch, spelling):
+    """The fine-tune's run config may name its file as ./x.json, ../dir/x.json or through a link."""
+    import finetune_ssm
+
+    path = squad_file(tmp_path)
+    trained = {"dots": str(tmp_path / "." / ".." / tmp_path.name / "squad.json"), "relative": "./squad.json",
+               "symlink": str(tmp_path / "link.json")}[spelling]
+    if spelling == "symlink":
+        os.symlink(path, trained)
+    monkeypatch.chdir(tmp_path)                              # ./squad.json is the file from here
+    assert trained != path
+    conf = cfg(path, eval_mode=True, load_cp=_trained_checkpoint(tmp_path, trained, 2), squad_heldout_titles=0)
+    with pytest.raises(finetune_ssm.UsageError, match="--set squad_heldout_titles=2"):
+        finetune_ssm.check_squad_split(conf)
 
 
 def test_a_fine_tune_evaluated_on_another_file_is_not_checked(tmp_path):

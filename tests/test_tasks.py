@@ -1,6 +1,9 @@
 """Task data and scoring, byte for byte against the reference strings (spec Appendix B)."""
+import io
+import json
 import math
 import os
+import pickle
 import time
 
 import numpy as np
@@ -12,6 +15,7 @@ from custom_datasets import niah
 from custom_datasets.base import TrainChunk
 from custom_datasets.niah import NiahTask
 from custom_datasets.sources import load_tokenizer, wikitext_rows
+from engine.errors import BadFileError
 from tests.conftest import SHARED
 
 SQUAD_FILE = os.path.join(SHARED, "data", "squad_v2", "cs224n-split", "dev-v2.0.json")
@@ -189,6 +193,37 @@ def test_pg19_windows_and_perplexity(tmp_path, tok):
     assert math.isclose(res["score"], 64, rel_tol=1e-6) and res["scored_tokens"] == 210
 
 
+def test_pg19_length_no_book_reaches_is_recorded_and_left_out_of_the_score(tmp_path, tok, capsys):
+    from tests.helpers import one_line_stderr
+
+    capsys.readouterr()
+    task = _pg19(tmp_path, tok, [60, 300])                   # window lengths 50 and 500: no book is longer than 500
+    one_line_stderr(capsys, "ppl_test_context_lens_eval [500]: no test book is longer (longest: 300 tokens)")
+    recs = [{**c, **task.run_cell(_Uniform(), c, "cpu")} for c in task.eval_cells()]
+    assert [r["windows"] for r in recs] == [11, 0] and recs[1]["scored_tokens"] == 0 and math.isnan(recs[1]["score"])
+    assert recs[1]["note"] == "no windows: no test book is longer than 500 tokens (longest: 300)"
+    score, table = task.summarize(recs)
+    assert math.isclose(score, 64, rel_tol=1e-6)             # the 50-token length alone; fp32 sums of log 64
+    assert "no windows" in table and table.splitlines()[-1] == "score: mean over 50 only (no windows at 500)"
+
+
+def test_length_curve_summary_says_what_it_averaged():
+    from custom_datasets.base import length_curve_summary
+
+    nan = float("nan")
+    old = {"ctx_len": 4000, "score": nan, "windows": 0}      # a record written before 'note' existed
+    score, table = length_curve_summary([{"ctx_len": 2000, "score": 30.0, "windows": 3}, old,
+                                         {"ctx_len": 1000, "score": 10.0, "windows": 5}], "ppl")
+    assert score == 20.0 and table.splitlines()[-1] == "score: mean over 1K, 2K only (no windows at 4K)"
+    score, table = length_curve_summary([{"ctx_len": 1000, "score": 10.0, "windows": 5}], "ppl")
+    assert score == 10.0 and "score:" not in table          # every length measured: the table as before
+    score, table = length_curve_summary([old], "ppl")
+    assert math.isnan(score) and table.splitlines()[-1] == "score: none (no windows at any length: 4K)"
+    score, _ = length_curve_summary([{"ctx_len": 1000, "score": nan, "windows": 5},   # measured NaN: a diverged
+                                     {"ctx_len": 2000, "score": 10.0, "windows": 5}], "ppl")   # model is no score
+    assert math.isnan(score)
+
+
 def test_pg19_chunks_train_every_target_once(tmp_path, tok):
     task = _pg19(tmp_path, tok, [300])
     task.chunks = 2
@@ -205,6 +240,50 @@ def test_pg19_missing_data_message(tmp_path, tok):
     cfg, _ = schema.load(None, {"dataset": "ppl_test", "pg19_dir": str(tmp_path / "none")})
     with pytest.raises(FileNotFoundError, match="tokenize_pg19.py"):
         PG19Task(cfg, tok)
+
+
+def _saved(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+GOOD_SPLIT = _saved([{"short_book_title": "b", "input_tokens": torch.zeros(1, 50, dtype=torch.long)}])
+
+
+# what torch.load(weights_only=True) raises on each: EOFError, KeyError, RuntimeError (zip), UnicodeDecodeError,
+# UnpicklingError (a pickle that would call os.system), then files that load but are no list of books
+@pytest.mark.parametrize("content", [b"", b"hello world\n", GOOD_SPLIT[:len(GOOD_SPLIT) // 2],
+                                     b"\x80\x02X\x02\x00\x00\x00\xff\xfe.", pickle.dumps(os.system, protocol=2),
+                                     _saved({"input_tokens": torch.zeros(1, 5)}), _saved([torch.zeros(1, 5)]),
+                                     _saved([{"input_tokens": torch.zeros(5, dtype=torch.long)}]),
+                                     _saved([{"input_tokens": torch.zeros(1, 5)}])],
+                         ids=["empty", "text", "truncated", "bad-utf8", "hostile-pickle", "dict", "no-dicts",
+                              "1d-tokens", "float-tokens"])
+def test_damaged_pg19_split_is_one_clear_error(tmp_path, content):
+    from custom_datasets.pg19 import load_split
+
+    (tmp_path / "test_set.pt").write_bytes(content)
+    with pytest.raises(BadFileError) as e:
+        load_split(str(tmp_path), "test")
+    msg = str(e.value)
+    assert msg.startswith(str(tmp_path / "test_set.pt")) and "tokenize_pg19.py" in msg and "\n" not in msg
+    assert "weights_only=False" not in msg                       # torch's advice would run the file's code
+
+
+def test_damaged_pg19_split_through_the_command_line(tmp_path, capsys):
+    import finetune_ssm
+    from tests.helpers import one_line_stderr
+
+    bad = tmp_path / "pg19" / "test_set.pt"
+    bad.parent.mkdir()
+    bad.write_bytes(bytes(range(256)))
+    conf = {"dataset": "ppl_test", "pg19_dir": str(bad.parent), "output_dir": str(tmp_path), "activate_logging": False,
+            "scratch_model_config": {"d_model": 16, "n_layer": 2, "ssm_cfg": {"d_state": 4}}, "decimating_layers": [1]}
+    (tmp_path / "c.json").write_text(json.dumps(conf))
+    capsys.readouterr()
+    assert finetune_ssm.main(["--config", str(tmp_path / "c.json"), "--device", "cpu", "--run-name", "r"]) == 1
+    one_line_stderr(capsys, f"{bad}: ", "tokenize_pg19.py")
 
 
 def test_unreachable_hub_for_tokenizer_fails_fast(monkeypatch, tmp_path):
