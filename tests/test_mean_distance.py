@@ -1,5 +1,7 @@
 """tools/mean_distance.py end to end on a tiny random model: its JSON names no machine path, records
 the model's digest, and its first_global_layer is its own rule applied to its own mean distances."""
+import errno
+import hashlib
 import io
 import json
 import os
@@ -11,7 +13,6 @@ import pytest
 
 from custom_datasets.tokenize_corpus import main as tokenize_main
 from engine import results
-from engine.results import weights_digest
 from models import MambaConfig, MambaLMHeadModel
 from tests.helpers import one_line_stderr, randomize, usage_error_is_one_line
 
@@ -33,6 +34,23 @@ def corpus(tmp_path):
     out = tmp_path / "corpus"
     assert tokenize_main(["--split", "validation", "--out", str(out), str(tmp_path / "validation.tar.xz")]) == 0
     return out
+
+
+def _files_digest(folder):
+    """engine.results.weights_digest written out: sha256 over 'name:sha256(bytes)' lines, config.json first."""
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        h.update(f"{name}:{hashlib.sha256((folder / name).read_bytes()).hexdigest()}\n".encode())
+    return "files-sha256:" + h.hexdigest()[:16]
+
+
+def _argv(tmp_path, corpus, out, *extra):
+    """A tiny 2-layer model in tmp_path/m and the argv of a 1 x 48-token run writing ``out``."""
+    if not (tmp_path / "m").exists():
+        cfg = MambaConfig(d_model=16, n_layer=2, vocab_size=50277, ssm_cfg={"d_state": 4}, pad_vocab_size_multiple=8)
+        randomize(MambaLMHeadModel(cfg), seed=3).save_pretrained(str(tmp_path / "m"))
+    return ["--model", str(tmp_path / "m"), "--corpus", str(corpus), "--tokens", "48", "--windows", "1",
+            "--channels", "2", "--device", "cpu", "--out", str(out), *extra]
 
 
 @pytest.fixture()
@@ -57,7 +75,7 @@ def test_json_is_public_and_self_consistent(tmp_path, corpus, named_commit):
     assert res["command"] == ("python tools/mean_distance.py --model=<model> --corpus <corpus> --tokens 48 "
                               f"--windows 2 --channels 4 --global-frac {GLOBAL_FRAC} --device cpu --out <out>")
     assert res["model"] == "<model>"
-    assert res["model_digest"] == weights_digest(str(tmp_path / "m"))
+    assert res["model_digest"] == _files_digest(tmp_path / "m")
     assert res["commit"] == named_commit and res["machine"]
     dist = np.array(res["mean_distance"])
     assert len(dist) == 4 and len(res["per_window"]) == 2
@@ -115,3 +133,44 @@ def test_corpus_of_another_vocabulary_is_one_line(tmp_path, corpus, capsys):
     assert md.main(["--model", str(tmp_path / "m"), "--corpus", str(corpus), "--tokens", "48",
                     "--device", "cpu"]) == 1
     one_line_stderr(capsys, "error:", str(corpus), "64 embeddings")
+
+
+def test_existing_out_is_refused_before_any_work(tmp_path, corpus, capsys):
+    out = tmp_path / "mean_distance.json"
+    out.write_text('{"committed": 1}')
+    (tmp_path / "empty_model").mkdir()                  # would fail at loading: the --out check comes first
+    argv = _argv(tmp_path, corpus, out)
+    argv[1] = str(tmp_path / "empty_model")
+    assert md.main(argv) == 1
+    one_line_stderr(capsys, "error:", f"--out {out} already exists", "--overwrite")
+    assert out.read_text() == '{"committed": 1}'
+
+
+def test_overwrite_replaces_out(tmp_path, corpus):
+    out = tmp_path / "res" / "mean_distance.json"
+    out.parent.mkdir()
+    out.write_text('{"committed": 1}')
+    assert md.main(_argv(tmp_path, corpus, out, "--overwrite")) == 0
+    res = json.loads(out.read_text())
+    assert len(res["mean_distance"]) == 2 and res["first_global_layer"] in (0, 1)
+    assert os.listdir(out.parent) == ["mean_distance.json"]                  # no temp file left
+
+
+def test_a_failed_write_keeps_the_previous_out(tmp_path, corpus, capsys, monkeypatch):
+    """A full disk while --out is written (--overwrite): the previous file is whole, no temp file is left."""
+    out = tmp_path / "res" / "mean_distance.json"
+    out.parent.mkdir()
+    out.write_text('{"committed": 1}')
+    real_fsync = os.fsync
+
+    def fsync(fd):                                      # fails only for files in out's folder
+        if os.path.dirname(os.readlink(f"/proc/self/fd/{fd}")) == str(out.parent):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to tell which file is synced")
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert md.main(_argv(tmp_path, corpus, out, "--overwrite")) == 1
+    one_line_stderr(capsys, "error:", f"no space left on device: {out}")
+    assert out.read_text() == '{"committed": 1}' and os.listdir(out.parent) == ["mean_distance.json"]

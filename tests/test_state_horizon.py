@@ -4,6 +4,8 @@ A layer with dt_proj.weight = 0 has Δ_t,d = softplus(dt_proj.bias_d) at every t
 half-lives are known exactly; A_log_dn = log(a_d · (n + 1)) makes min_n |A_dn| = a_d (and max 4·a_d:
 taking the max over n instead of the min fails these tests).
 """
+import errno
+import hashlib
 import json
 import math
 import os
@@ -149,6 +151,88 @@ def test_cli_end_to_end(tmp_path, capsys):
     want = _expected(model)
     assert res["rows"][KNOWN]["mean"]["median_half_life"] == pytest.approx(float(np.median(want)), rel=RTOL)
     assert res["rows"][KNOWN]["p1"]["frac_ge_131072"] == float((want >= 131072).mean())
+    assert res["model_digest"] == _files_digest(tmp_path / "m")
+
+
+def _files_digest(folder):
+    """engine.results.weights_digest written out: sha256 over 'name:sha256(bytes)' lines, config.json first."""
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        h.update(f"{name}:{hashlib.sha256((folder / name).read_bytes()).hexdigest()}\n".encode())
+    return "files-sha256:" + h.hexdigest()[:16]
+
+
+def _cli(tmp_path, *extra):
+    """A tiny model and 4,000 characters of WikiText in tmp_path; the argv of a 2 x 64-token run."""
+    if not (tmp_path / "m").exists():
+        _model(vocab_size=50277).save_pretrained(str(tmp_path / "m"))
+        with open(os.path.join(REPO, "data", "wikitext-2-raw", "wiki.valid.raw"), encoding="utf-8") as f:
+            (tmp_path / "t.txt").write_text(f.read(4000), encoding="utf-8")
+    return ["--model", str(tmp_path / "m"), "--text", str(tmp_path / "t.txt"), "--tokens", "64", "--windows", "2",
+            *extra]
+
+
+def test_existing_out_is_refused_and_kept(tmp_path, capsys):
+    out = tmp_path / "state_horizon.json"
+    out.write_text('{"committed": 1}\n')
+    assert sh.main(_cli(tmp_path, "--out", str(out))) == 1
+    one_line_stderr(capsys, "error:", f"--out {out} already exists", "--overwrite")
+    assert out.read_text() == '{"committed": 1}\n'
+    assert sorted(os.listdir(tmp_path)) == ["m", "state_horizon.json", "t.txt"]        # no temp file left
+
+
+def test_overwrite_replaces_out_atomically(tmp_path, capsys):
+    out = tmp_path / "state_horizon.json"
+    out.write_text('{"committed": 1}\n')
+    assert sh.main(_cli(tmp_path, "--out", str(out), "--overwrite")) == 0
+    res = json.loads(out.read_text())
+    assert res["tokens"] == 64 and len(res["rows"]) == 2 and "--overwrite" in res["command"]
+    assert sorted(os.listdir(tmp_path)) == ["m", "state_horizon.json", "t.txt"]
+    assert f"wrote {out}" in capsys.readouterr().out
+
+
+def test_out_created_during_the_run_is_kept_and_so_is_the_run(tmp_path, capsys):
+    """--out appears after the start-up check (another run): neither file is lost; the error names both."""
+    out = tmp_path / "sh.json"
+    out.write_text("theirs\n")
+    with pytest.raises(FileExistsError) as exc:
+        sh.write_json(str(out), {"rows": [1, 2], "h": math.inf}, overwrite=False)
+    assert out.read_text() == "theirs\n"
+    kept = [n for n in os.listdir(tmp_path) if n != "sh.json"]
+    assert len(kept) == 1 and str(tmp_path / kept[0]) in str(exc.value) and str(out) in str(exc.value)
+    assert json.loads((tmp_path / kept[0]).read_text()) == {"rows": [1, 2], "h": None}    # JSON has no inf
+
+
+def test_a_failed_write_keeps_the_previous_out(tmp_path, monkeypatch):
+    out = tmp_path / "sh.json"
+    out.write_text("previous\n")
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError) as exc:
+        sh.write_json(str(out), {"rows": [1]}, overwrite=True)
+    assert str(exc.value).startswith(f"no space left on device: {out}")
+    assert out.read_text() == "previous\n" and os.listdir(tmp_path) == ["sh.json"]
+
+
+def test_token_id_beyond_the_vocabulary_is_one_line_naming_it(tmp_path, capsys):
+    model = _model(vocab_size=61)                           # padded to 64 embedding rows: ids 0..63
+    sh.check_vocab(model, np.array([0, 63, 5]), "--text t")             # the last row: accepted
+    with pytest.raises(ValueError) as exc:
+        sh.check_vocab(model, np.array([0, 64, 5]), "--text t")
+    assert "--text t" in str(exc.value) and "token id 64" in str(exc.value) and "64 embeddings" in str(exc.value)
+    # end to end: WikiText through GPT-NeoX ids (up to 50276) into a 64-row model
+    model.save_pretrained(str(tmp_path / "small"))
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(os.path.join(REPO, "data", "gpt-neox-20b", "tokenizer.json")).encode(
+        text.read_text(encoding="utf-8"), add_special_tokens=False).ids
+    assert sh.main(["--model", str(tmp_path / "small"), "--text", str(text), "--tokens", "16"]) == 1
+    one_line_stderr(capsys, "error:", f"--text {text}", f"token id {max(ids)}", "64 embeddings", "ids 0..63")
 
 
 def test_missing_model_folder_is_one_line_naming_it(tmp_path, capsys):

@@ -12,7 +12,8 @@ Rule used here (ours; the paper reads the maps by eye): the first global layer i
 mean distance is at least ``--global-frac`` of the largest layer's. Prints a table and the layer;
 ``--out`` writes JSON with every value, the command, the model and its digest, the machine and the
 code's commit (no machine paths: paths outside the repository are written as <model>, <corpus>, <out>;
-the commit honours DECIMAMBA_COMMIT, engine/results.code_commit).
+the commit honours DECIMAMBA_COMMIT, engine/results.code_commit); an existing ``--out`` is refused
+before any work unless ``--overwrite``.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ from custom_datasets.lm_corpus import split_tokens, window_starts  # noqa: E402
 from engine.results import code_commit, weights_digest  # noqa: E402
 from models import MambaLMHeadModel  # noqa: E402
 from modules.hidden_attention import default_channels, hidden_attention  # noqa: E402
-from tools.cli import OneLineParser, checked_device, positive_int, run_cli  # noqa: E402
+from tools.cli import (OneLineParser, add_out, check_out, checked_device, positive_int, run_cli,  # noqa: E402
+                       write_new_file)
 from tools.provenance import public_command, public_path  # noqa: E402
 
 PATH_OPTIONS = {"--model": "<model>", "--corpus": "<corpus>", "--out": "<out>"}
@@ -59,14 +61,16 @@ def parse_args(argv):
     ap.add_argument("--channels", type=positive_int, default=16)
     ap.add_argument("--global-frac", type=float, default=0.5, help="in (0, 1]")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=None, help="JSON file to write")
+    add_out(ap)
     return ap.parse_args(argv)
 
 
 def check_inputs(args) -> None:
-    """Bad settings and missing folders end as one line naming them (cli_main), before any work."""
+    """Bad settings, an existing --out and missing folders end as one line naming them (cli_main), before
+    any work."""
     if not 0 < args.global_frac <= 1:
         raise ValueError(f"--global-frac {args.global_frac}: must be in (0, 1]")
+    check_out(args.out, args.overwrite)
     checked_device(args.device)
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"--model {args.model}: no such folder (pass a folder holding config.json and "
@@ -108,8 +112,7 @@ def run(args, argv) -> int:
               "mean_distance": md.round(2).tolist(), "per_window": per_layer.round(2).tolist(),
               "first_global_layer": first}
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_new_file(args.out, json.dumps(result, indent=1) + "\n", args.overwrite)
     print(f"first_global_layer={first}")
     return 0
 

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from custom_datasets.lm_corpus import window_starts  # noqa: E402
-from tools.cli import OneLineParser, positive_int, run_cli  # noqa: E402
+from tools.cli import OneLineParser, add_out, positive_int, run_cli  # noqa: E402
 from tools.state_horizon import add_model_and_text, load_inputs, provenance, write_json  # noqa: E402
 
 
@@ -71,7 +71,7 @@ def parse_args(argv):
     ap.add_argument("--chunk", type=positive_int, default=512, help="tokens per streamed chunk")
     ap.add_argument("--windows", type=positive_int, default=2, help="windows, evenly spaced over the text")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default=None, help="JSON file to write")
+    add_out(ap)
     return ap.parse_args(argv)
 
 
@@ -97,7 +97,7 @@ def run(args, argv) -> int:
             "definitions": {"max_abs": "max over channels and states of |h| after that many tokens, mean over windows",
                             "rms": "root mean square of h over channels and states, mean over windows",
                             "ratio": "the value at a length over the value at train_len"},
-            "rows": rows})
+            "rows": rows}, args.overwrite)
     return 0
 
 

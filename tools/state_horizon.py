@@ -28,7 +28,8 @@ Reported per layer: the median, 90th percentile and largest h_d over its channel
 of channels with h_d ≥ 2,048 (the pretraining length), ≥ 131,072 and ≥ 1,048,576 tokens; the same
 fractions over every channel of the model. Prints a table; ``--out`` writes JSON with the command,
 machine, date, git revision, settings, the model's digest and one row per layer (no machine paths:
-paths outside the repository are written as <model>, <text>, ...).
+paths outside the repository are written as <model>, <text>, ...); an existing ``--out`` is refused
+before any work unless ``--overwrite``.
 Memory: Δ of every layer, window and token is kept to take percentiles (4·layers·d_inner·windows·tokens
 bytes: 176 MB for 24 layers × 448 channels × 2 × 2,048).
 """
@@ -52,7 +53,8 @@ from custom_datasets.sources import GPT_NEOX, load_tokenizer  # noqa: E402
 from engine.errors import BadFileError  # noqa: E402
 from engine.results import weights_digest  # noqa: E402
 from models import MambaLMHeadModel  # noqa: E402  (as tools/mean_distance.py loads --model)
-from tools.cli import OneLineParser, checked_device, positive_int, run_cli  # noqa: E402
+from tools.cli import (OneLineParser, add_out, check_out, checked_device, positive_int, run_cli,  # noqa: E402
+                       write_new_file)
 from tools.provenance import public_command, public_path  # noqa: E402
 
 THRESHOLDS = (2048, 131072, 1048576)          # tokens: the 2K pretraining length, 128K, 1M
@@ -166,11 +168,12 @@ def provenance(script: str, args, argv, tok_path: str | None) -> dict:
     }
 
 
-def check_vocab(model, toks: np.ndarray) -> None:
+def check_vocab(model, toks: np.ndarray, source: str) -> None:
+    """ValueError naming ``source`` (the text) and its largest token id if that id has no embedding row."""
     vocab = model.backbone.embedding.weight.shape[0]
     if toks.size and int(toks.max()) >= vocab:
-        raise ValueError(f"the text holds token id {int(toks.max())} but the model has {vocab} embeddings: "
-                         f"tokenized with another vocabulary?")
+        raise ValueError(f"{source}: holds token id {int(toks.max())} but the model has {vocab} embeddings "
+                         f"(ids 0..{vocab - 1}): tokenized with another vocabulary?")
 
 
 def _finite(obj):
@@ -184,15 +187,9 @@ def _finite(obj):
     return obj
 
 
-def write_json(path: str, result: dict) -> None:
-    """Atomically (a temporary file, then a rename), and says so on stdout."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_finite(result), f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-    print(f"wrote {path}")
+def write_json(path: str, result: dict, overwrite: bool) -> None:
+    """Atomically, never replacing an existing file unless ``overwrite`` (tools/cli.write_new_file)."""
+    write_new_file(path, json.dumps(_finite(result), indent=1) + "\n", overwrite)
 
 
 # ---------------------------------------------------------------------------- command line
@@ -235,11 +232,14 @@ def add_model_and_text(ap) -> None:
 
 
 def load_inputs(args):
-    """-> (model, token ids, tokenizer path) after the device, model and vocabulary checks (one-line errors)."""
+    """-> (model, token ids, tokenizer path) after the --out, device, model and vocabulary checks (one-line
+    errors, before any work)."""
+    check_out(args.out, args.overwrite)
     checked_device(args.device)
     model = load_model(args.model, args.device)
     toks, tok_path = text_tokens(args)
-    check_vocab(model, toks)
+    source = f"--corpus {args.corpus} --split {args.split}" if args.corpus else f"--text {args.text}"
+    check_vocab(model, toks, source)
     return model, toks, tok_path
 
 
@@ -249,7 +249,7 @@ def parse_args(argv):
     ap.add_argument("--tokens", type=positive_int, default=2048, help="tokens per window")
     ap.add_argument("--windows", type=positive_int, default=2, help="windows, evenly spaced over the text")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default=None, help="JSON file to write")
+    add_out(ap)
     return ap.parse_args(argv)
 
 
@@ -276,7 +276,7 @@ def run(args, argv) -> int:
             },
             "rows": rows, "model_fractions": whole,
         }
-        write_json(args.out, result)
+        write_json(args.out, result, args.overwrite)
     return 0
 
 
