@@ -10,7 +10,7 @@
 #   PRETRAINED=NAME bash benchmarks/gpu_passkey.sh short END_S   one call for a model pretrained at a short context
 #                                               (gpu_repro.sh PRETRAIN_NAME=NAME, same machine; item 4): fine-tune at
 #                                               FT_LEN tokens (default 512) vanilla, DeciMamba at 12 and at the run's
-#                                               Mean-Distance layer (NAME_mean_distance.json), grids 512 ... 128K and
+#                                               Mean-Distance layer (NAME_<checkpoint>_mean_distance.json), grids 512 ... 128K and
 #                                               256K ... 1M, and the pretrained model's perplexity by length; its runs
 #                                               are named NAME_s_*, NAME_gs_*, NAME_ppl_* (a second model gets its own)
 # END_S: seconds from the start at which the stage stops its runs and packs up (keep it under the call's limit).
@@ -110,7 +110,8 @@ case $STAGE in
     : "${PRETRAINED:?the short stage needs PRETRAINED=<a gpu_repro.sh run name on this machine>}"
     [ -d "$RUNS/$PRETRAINED" ] || { echo "PRETRAINED=$PRETRAINED: no run $RUNS/$PRETRAINED on this machine"; exit 1; }
     take_pretrained; N=${FT_LEN:-512}; T=$PRETRAINED; MD=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["first_global_layer"])' \
-      "$RUNS/${PRETRAINED}_mean_distance.json" 2>/dev/null); echo "Mean-Distance layer: ${MD:-unknown}" >> "$L/commands.txt"
+      "$RUNS/${PRETRAINED}_$(basename "$P")_mean_distance.json" 2>/dev/null)   # gpu_repro.sh's, of the checkpoint taken
+    echo "Mean-Distance layer: ${MD:-unknown}" >> "$L/commands.txt"
     ARMS="${T}_s_vanilla:vanilla:12:$N ${T}_s_deci12:deci:12:$N"; [ -n "$MD" ] && [ "$MD" != 12 ] && ARMS="$ARMS ${T}_s_deci$MD:deci:$MD:$N"
     ft_all $ARMS; wait_until $(( END * 2 / 5 )) $FTP; ft_stop
     ppl_by_length ${T}_ppl_vanilla; ppl_by_length ${T}_ppl_deci12 --set mamba_arch=deci --set activate_decimation=true \

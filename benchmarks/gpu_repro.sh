@@ -7,7 +7,7 @@
 #   then benchmarks/gpu_passkey.sh (the passkey fine-tunes and grids from the weights this script brings back)
 # PRETRAIN_SET='--set key=value ...' changes the pretraining config (a new run only), e.g. a larger d_state;
 # PRETRAIN_NAME=NAME names the run (/tmp/runs/NAME, default pretrain); MEAN_DISTANCE=1 also writes the Mamba
-# Mean Distance per layer of the shipped checkpoint (tools/mean_distance.py) to /tmp/runs/NAME_mean_distance.json.
+# Mean Distance per layer of the shipped checkpoint (tools/mean_distance.py) to /tmp/runs/NAME_<checkpoint>_mean_distance.json.
 # Every call brings back the latest pretrained weights (bf16, A_log/D fp32) in <= 15 MiB parts, NAME.tar.part_*, and a
 # log archive; with MEAN_DISTANCE=1 training stops 60 s earlier for it (97 s on 2 CPU cores for the d_state-64 model).
 # Carried: .data/gutenberg/ (xz parts of ../shared/data/gutenberg), .device/ (kernel sources + build script),
@@ -53,8 +53,10 @@ ship() {  # latest pretrained weights (bf16 export) + logs into $OUT
       (cd /tmp/export && tar cf - . | split -b 15M - "$OUT/$NAME.tar.part_")
   fi
   if [ -n "$last" ] && [ "${MEAN_DISTANCE:-0}" = 1 ]; then
-    OMP_NUM_THREADS=8 timeout $MDT python3 tools/mean_distance.py --model "$last" --corpus $CORPUS --split validation \
-      --windows 2 --out $RUNS/${NAME}_mean_distance.json > "$L/mean_distance.log" 2>&1 && cp $RUNS/${NAME}_mean_distance.json "$L/"
+    md=$RUNS/${NAME}_$(basename "$last")_mean_distance.json    # one file per checkpoint (the tool refuses to replace one)
+    [ -f "$md" ] || OMP_NUM_THREADS=8 timeout $MDT python3 tools/mean_distance.py --model "$last" --corpus $CORPUS \
+      --split validation --windows 2 --out "$md" > "$L/mean_distance.log" 2>&1
+    cp "$md" "$L/" 2>/dev/null
   fi
   cp $RUN/train_log.jsonl $RUN/results.jsonl $RUN/config.json "$L/" 2>/dev/null
   nvidia-smi > "$L/nvidia-smi.txt" 2>&1; ls -la $CORPUS > "$L/corpus.txt"; cat $CORPUS/*.json | head -c 2000 >> "$L/corpus.txt"
