@@ -205,3 +205,15 @@ def run_in_interpreter(module: str, call: str, timeout: int = 900) -> str:
     res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     return res.stdout
+
+
+def files_digest(folder) -> str:
+    """engine.results.weights_digest written out independently (tests compare a tool's recorded digest with
+    it): sha256 over 'name:sha256(bytes)' lines of config.json then model.safetensors, first 16 hex digits."""
+    import hashlib
+    from pathlib import Path
+
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        h.update(f"{name}:{hashlib.sha256((Path(folder) / name).read_bytes()).hexdigest()}\n".encode())
+    return "files-sha256:" + h.hexdigest()[:16]

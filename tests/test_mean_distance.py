@@ -1,7 +1,6 @@
 """tools/mean_distance.py end to end on a tiny random model: its JSON names no machine path, records
 the model's digest, and its first_global_layer is its own rule applied to its own mean distances."""
 import errno
-import hashlib
 import io
 import json
 import os
@@ -14,7 +13,7 @@ import pytest
 from custom_datasets.tokenize_corpus import main as tokenize_main
 from engine import results
 from models import MambaConfig, MambaLMHeadModel
-from tests.helpers import one_line_stderr, randomize, usage_error_is_one_line
+from tests.helpers import files_digest, one_line_stderr, randomize, usage_error_is_one_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -34,14 +33,6 @@ def corpus(tmp_path):
     out = tmp_path / "corpus"
     assert tokenize_main(["--split", "validation", "--out", str(out), str(tmp_path / "validation.tar.xz")]) == 0
     return out
-
-
-def _files_digest(folder):
-    """engine.results.weights_digest written out: sha256 over 'name:sha256(bytes)' lines, config.json first."""
-    h = hashlib.sha256()
-    for name in ("config.json", "model.safetensors"):
-        h.update(f"{name}:{hashlib.sha256((folder / name).read_bytes()).hexdigest()}\n".encode())
-    return "files-sha256:" + h.hexdigest()[:16]
 
 
 def _argv(tmp_path, corpus, out, *extra):
@@ -75,7 +66,7 @@ def test_json_is_public_and_self_consistent(tmp_path, corpus, named_commit):
     assert res["command"] == ("python tools/mean_distance.py --model=<model> --corpus <corpus> --tokens 48 "
                               f"--windows 2 --channels 4 --global-frac {GLOBAL_FRAC} --device cpu --out <out>")
     assert res["model"] == "<model>"
-    assert res["model_digest"] == _files_digest(tmp_path / "m")
+    assert res["model_digest"] == files_digest(tmp_path / "m")
     assert res["commit"] == named_commit and res["machine"]
     dist = np.array(res["mean_distance"])
     assert len(dist) == 4 and len(res["per_window"]) == 2

@@ -4,7 +4,6 @@ Two layers with constant step sizes (dt_proj.weight = 0): layer 0 forgets within
 |A| = 1..4), so its state is stationary and its ratios stay near 1; layer 1 never forgets over the
 window (Δ = 1e-4, |A| ≈ 1e-4: decay e^-1e-8 a token), so its state sums every token written and grows.
 """
-import hashlib
 import json
 import os
 import sys
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 from models import MambaConfig, MambaLMHeadModel
-from tests.helpers import one_line_stderr, randomize
+from tests.helpers import files_digest, one_line_stderr, randomize
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 import state_growth as sg  # noqa: E402
@@ -47,14 +46,6 @@ def _assert_rows(rows, want, train_len, lengths):
             for p in lengths:      # a ratio of two values each within REL: within 2 REL
                 assert row[f"{name}_ratio"][str(p)] == pytest.approx(want[p][i][k] / want[train_len][i][k],
                                                                    rel=2 * REL), (i, name, p)
-
-
-def _files_digest(folder):
-    """engine.results.weights_digest written out: sha256 over 'name:sha256(bytes)' lines, config.json first."""
-    h = hashlib.sha256()
-    for name in ("config.json", "model.safetensors"):
-        h.update(f"{name}:{hashlib.sha256((folder / name).read_bytes()).hexdigest()}\n".encode())
-    return "files-sha256:" + h.hexdigest()[:16]
 
 
 def _model(vocab_size=61):
@@ -120,7 +111,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     res = json.loads(text)
     assert res["command"].startswith("python tools/state_growth.py --model <model> --text <text>")
     assert res["lengths"] == [512, 1024] and len(res["rows"]) == 2
-    assert res["model_digest"] == _files_digest(tmp_path / "m")
+    assert res["model_digest"] == files_digest(tmp_path / "m")
     assert res["rows"][1]["rms_ratio"]["1024"] > res["rows"][1]["rms_ratio"]["512"] > 1.3
     # the windows it names, tokenized here with the tokenizers library (no special tokens, as the tool says)
     from tokenizers import Tokenizer

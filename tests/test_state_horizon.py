@@ -5,7 +5,6 @@ half-lives are known exactly; A_log_dn = log(a_d · (n + 1)) makes min_n |A_dn| 
 taking the max over n instead of the min fails these tests).
 """
 import errno
-import hashlib
 import json
 import math
 import os
@@ -17,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from models import MambaConfig, MambaLMHeadModel
-from tests.helpers import one_line_stderr, randomize, usage_error_is_one_line
+from tests.helpers import files_digest, one_line_stderr, randomize, usage_error_is_one_line
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 import state_horizon as sh  # noqa: E402
@@ -151,15 +150,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     want = _expected(model)
     assert res["rows"][KNOWN]["mean"]["median_half_life"] == pytest.approx(float(np.median(want)), rel=RTOL)
     assert res["rows"][KNOWN]["p1"]["frac_ge_131072"] == float((want >= 131072).mean())
-    assert res["model_digest"] == _files_digest(tmp_path / "m")
-
-
-def _files_digest(folder):
-    """engine.results.weights_digest written out: sha256 over 'name:sha256(bytes)' lines, config.json first."""
-    h = hashlib.sha256()
-    for name in ("config.json", "model.safetensors"):
-        h.update(f"{name}:{hashlib.sha256((folder / name).read_bytes()).hexdigest()}\n".encode())
-    return "files-sha256:" + h.hexdigest()[:16]
+    assert res["model_digest"] == files_digest(tmp_path / "m")
 
 
 def _cli(tmp_path, *extra):
