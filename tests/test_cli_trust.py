@@ -223,15 +223,15 @@ def test_duplicate_json_keys_are_rejected(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("sets,needles", [
-    (["model_device=gpu"], ["model_device='gpu'", "cuda:<n>"]),
-    (["load_cp="], ["load_cp=''", "hub id or a local directory"]),
+    (["model_device=gpu"], ["--set model_device=gpu:", "cuda:<n>"]),
+    (["load_cp="], ["--set load_cp=:", "hub id or a local directory"]),
     (['scratch_model_config={"d_model": 16, "n_layer": 4, "ssm_cfg": [1]}'], ["scratch_model_config.ssm_cfg=[1]", "object"]),
     (['scratch_model_config={"d_model": 16, "n_layer": 4}', "decimating_layers=[10]"],
      ["decimating_layers=[10]", "n_layer=4: layers 0..3"]),
     (['scratch_model_config={"d_model": 16, "n_layr": 4}'], ["scratch_model_config=", "n_layr"]),
     (["learning_rate=0.1"], ["unknown key 'learning_rate'", "did you mean 'lr'?"]),
     (["niah_context_length_eval=[1000]"], ["did you mean 'niah_context_lens_eval'"]),
-    (["niah_noise_split_eval=dev"], ["niah_noise_split_eval='dev'", "'validation'"]),
+    (["niah_noise_split_eval=dev"], ["--set niah_noise_split_eval=dev:", "'validation'"]),
 ])
 def test_config_gaps_are_one_line(tmp_path, capsys, sets, needles):
     err = _one_line_error(capsys, _dry(tmp_path, *sets), 2, *needles)
@@ -244,6 +244,14 @@ def test_preset_on_a_checkpoint_of_another_depth_says_which_keys_to_set(tmp_path
     rc = finetune_ssm.main(["--eval", "2", "--device", "cpu", "--dry-run", "--set", f"load_cp={ck}"])
     _one_line_error(capsys, rc, 1, "decimating_layers=[12]", "has 2 layers", "--set decimating_layers=[1]",
                     "activate_decimation=false")
+
+
+def test_a_folder_or_a_bad_set_value_is_named_in_one_line(tmp_path, capsys):
+    _one_line_error(capsys, finetune_ssm.main(["--config", str(tmp_path), "--dry-run"]), 2,
+                    f"{tmp_path}: a folder, not a file: --config needs a JSON config file")
+    rc = finetune_ssm.main(["--config", "configs/demo_config.json", "--set", "lr=abc", "--dry-run"])
+    err = _one_line_error(capsys, rc, 2, "--set lr=abc: expected float")
+    assert "demo_config.json" not in err
 
 
 # ---------------------------------------------------------------------------- item 13: tasks own their chunking
