@@ -58,7 +58,7 @@ def parse_args(argv):
     p.add_argument("--dry-run", action="store_true", help="validate, print the resolved config, exit")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue a training run from its latest checkpoint (--set only for schema.RESUME_SAFE keys)")
-    p.add_argument("--run-name", default=None, help="run folder name under output_dir")
+    p.add_argument("--run-name", default=None, help="run folder: one folder name under output_dir (no '/')")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run folder of that name first")
     p.add_argument("--fresh-eval", action="store_true",
                    help="evaluate every cell again instead of reusing recorded ones (new records are appended)")
@@ -239,14 +239,32 @@ def build_model(cfg, tok, device, weights=None):
 
 
 # ---------------------------------------------------------------------------- run folder
+def plain_folder_name(name: str) -> bool:
+    """One folder name: not empty, '.' or '..', no path separator (so <output_dir>/<name> is a direct child)."""
+    seps = {"/", "\\", os.sep, os.altsep} - {None}
+    return name not in ("", ".", "..") and not any(c in name for c in seps) and "\0" not in name
+
+
+def check_run_name(name: str | None) -> None:
+    if name is not None and not plain_folder_name(name):
+        raise schema.ConfigError([f"--run-name {name!r}: must be one folder name under output_dir (not empty, "
+                                  f"'.' or '..', no '/' or '\\')"], "command line")
+
+
 def run_name(args, cfg) -> str:
-    if args.run_name:
+    if args.run_name is not None:
         return args.run_name
     if cfg["eval_mode"]:                 # derived from the config hash: rerunning resumes it
         tag = os.path.basename(str(cfg["load_cp"] or cfg["model_type"]).rstrip("/"))
-        return f"eval_{cfg['mamba_arch']}_{tag}_{cfg['dataset']}_{schema.config_hash(cfg)}"
-    stamp = datetime.datetime.now().strftime("%Y_%m_%d__%H_%M_%S")
-    return f"{stamp}_{cfg['mamba_arch']}_{cfg['model_type']}_{cfg['dataset']}_seed_{cfg['seed']}{cfg['run_name_addon']}"
+        name = f"eval_{cfg['mamba_arch']}_{tag}_{cfg['dataset']}_{schema.config_hash(cfg)}"
+    else:
+        stamp = datetime.datetime.now().strftime("%Y_%m_%d__%H_%M_%S")
+        name = (f"{stamp}_{cfg['mamba_arch']}_{cfg['model_type']}_{cfg['dataset']}_seed_{cfg['seed']}"
+                f"{cfg['run_name_addon']}")
+    if not plain_folder_name(name):
+        raise UsageError(f"the run name made from the config, {name!r}, is not one folder name (a value in it, "
+                         f"e.g. model_type, holds a path separator): pass --run-name NAME")
+    return name
 
 
 def locate_run(args, cfg, world) -> tuple[str, str | None, bool]:
@@ -277,6 +295,10 @@ def open_run_dir(args, cfg, run_dir, existing, rank, world) -> None:
         torch.distributed.barrier()             # every rank has checked before rank 0 changes the folder
     if rank == 0:
         if existing and args.overwrite:
+            root = os.path.abspath(cfg["output_dir"])
+            if os.path.dirname(run_dir) != root or not plain_folder_name(os.path.basename(run_dir)):
+                raise UsageError(f"--overwrite deletes only a run folder directly in output_dir {root}, and "
+                                 f"{run_dir} is not one: nothing was deleted")
             print(f"--overwrite: deleting the earlier run folder {run_dir}")
             shutil.rmtree(run_dir)
         elif existing:
@@ -312,6 +334,7 @@ def run(args) -> int:
         return 0
     cfg, notes, source = resolve_config(args)
     print(f"config: {source} (precedence: schema defaults <- file <- --set <- --device)")
+    check_run_name(args.run_name)
     check_checkpoint_depth(cfg)
     check_squad_split(cfg)
     if args.dry_run:

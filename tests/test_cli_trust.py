@@ -143,6 +143,33 @@ def test_an_evaluation_does_not_write_into_a_training_run(tmp_path, capsys):
     assert json.loads((run / "config.json").read_text())["eval_mode"] is False
 
 
+@pytest.mark.parametrize("name", [".", "..", "a/b", "/abs/run", ""])
+def test_a_run_name_is_one_folder_name(tmp_path, capsys, name):
+    out = tmp_path / "o"
+    (out / "sibling").mkdir(parents=True)
+    (out / "sibling" / "keep").write_text("x")
+    rc = finetune_ssm.main([*EVAL, "--set", f"output_dir={out}", "--run-name", name, "--overwrite"])
+    _one_line_error(capsys, rc, 2, f"--run-name {name!r}: must be one folder name under output_dir")
+    assert (out / "sibling" / "keep").read_text() == "x"
+
+
+def test_overwrite_deletes_only_a_direct_child_of_output_dir(tmp_path):
+    out = tmp_path / "o"
+    (out / "a" / "b").mkdir(parents=True)
+    args = finetune_ssm.parse_args(["--overwrite"])
+    for run_dir in (out, out / "a" / "b", tmp_path):
+        with pytest.raises(finetune_ssm.UsageError, match="nothing was deleted"):
+            finetune_ssm.open_run_dir(args, {"output_dir": str(out)}, str(run_dir), True, 0, 1)
+    assert (out / "a" / "b").is_dir()
+
+
+def test_a_run_name_made_from_a_path_like_model_type_is_refused():
+    cfg, _ = schema.load(None, {"model_type": "org/model"})
+    made = "made from the config, '.*_deci_org/model_niah_custom_seed_123', is not one folder name"
+    with pytest.raises(finetune_ssm.UsageError, match=made):
+        finetune_ssm.run_name(finetune_ssm.parse_args([]), cfg)
+
+
 # ---------------------------------------------------------------------------- item 6: stop, resume, recover_step
 def test_sigterm_exits_3_and_a_second_signal_during_the_write_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
     real_step, real_save = train_loop.train_step, ckpt.save_checkpoint
