@@ -165,7 +165,8 @@ def decimation_config(cfg) -> dict:
 
 
 def check_checkpoint_depth(cfg) -> None:
-    """decimating_layers against a local load_cp's depth, before anything is loaded (--dry-run too)."""
+    """decimating_layers and find_deci_layer_candidates against a local load_cp's depth, before anything is
+    loaded (--dry-run too)."""
     cp = cfg["load_cp"]
     if not (cfg["mamba_arch"] == "deci" and cfg["activate_decimation"] and cp and os.path.isdir(cp)):
         return
@@ -175,8 +176,13 @@ def check_checkpoint_depth(cfg) -> None:
     except (OSError, ValueError):
         return                                   # the loader reports a missing or damaged config.json
     n = raw.get("n_layer", raw.get("num_hidden_layers")) if isinstance(raw, dict) else None
-    bad = [i for i in cfg["decimating_layers"] if isinstance(n, int) and i >= n]
-    if not bad:
+    if not isinstance(n, int):
+        return
+    cands = cfg["find_deci_layer_candidates"] if cfg["find_deci_layer"] else None
+    if any(i >= n for i in cands or []):
+        raise UsageError(f"find_deci_layer_candidates={cands} but checkpoint {cp!r} has {n} layers (0..{n - 1}): "
+                         f"sweep layers that exist, or pass null for the default sweep")
+    if not any(i >= n for i in cfg["decimating_layers"]):
         return
     trained = ""
     run_cfg = os.path.join(cp, ckpt.RUN_CONFIG)

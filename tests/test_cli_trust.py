@@ -273,6 +273,27 @@ def test_preset_on_a_checkpoint_of_another_depth_says_which_keys_to_set(tmp_path
                     "activate_decimation=false")
 
 
+def test_sweep_candidates_must_exist_in_the_checkpoint(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    _save_tiny(ck, 0)                                              # 2 layers
+    sweep = [*EVAL, "--dry-run", "--set", f"load_cp={ck}", "--set", "find_deci_layer=true"]
+    rc = finetune_ssm.main([*sweep, "--set", "find_deci_layer_candidates=[1, 99]"])
+    _one_line_error(capsys, rc, 1, "find_deci_layer_candidates=[1, 99]", "has 2 layers (0..1)")
+    _one_line_error(capsys, finetune_ssm.main([*sweep, "--set", "find_deci_layer_candidates=[-1]"]), 2,
+                    "--set find_deci_layer_candidates=[-1]: must be layer numbers, each >= 0")
+    assert finetune_ssm.main([*sweep, "--set", "find_deci_layer_candidates=[0, 1]"]) == 0
+
+
+def test_sweep_candidates_are_checked_against_the_loaded_model(tmp_path):
+    from engine.evaluate import find_deci_layer
+
+    model = DecimatingMambaModel(MambaConfig(d_model=16, n_layer=2, vocab_size=100))
+    cfg, _ = schema.load(None, {"find_deci_layer_candidates": [1, 5]})
+    with pytest.raises(ValueError, match=r"find_deci_layer_candidates=\[1, 5\] but the model has 2 layers \(0..1\)"):
+        find_deci_layer(None, model, cfg, str(tmp_path), "cpu")  # the task is never reached
+    assert os.listdir(tmp_path) == [] and cfg["decimating_layers"] == [12]
+
+
 def test_a_folder_or_a_bad_set_value_is_named_in_one_line(tmp_path, capsys):
     _one_line_error(capsys, finetune_ssm.main(["--config", str(tmp_path), "--dry-run"]), 2,
                     f"{tmp_path}: a folder, not a file: --config needs a JSON config file")
