@@ -245,6 +245,12 @@ def build_model(cfg, tok, device, weights=None):
 
 
 # ---------------------------------------------------------------------------- run folder
+# Keys an evaluation may continue in its run folder with another value of: where files and logs go, wall-time
+# limits, and the device (noted: every record and metrics.json name the device they were measured on).
+CONTINUE_FREE = ("output_dir", "cache_dir", "activate_logging", "wandb_dir", "wandb_project", "wandb_mode",
+                 "run_name_addon", "max_train_seconds", "model_device")
+
+
 def plain_folder_name(name: str) -> bool:
     """One folder name: not empty, '.' or '..', no path separator (so <output_dir>/<name> is a direct child)."""
     seps = {"/", "\\", os.sep, os.altsep} - {None}
@@ -276,7 +282,8 @@ def run_name(args, cfg) -> str:
 def locate_run(args, cfg, world) -> tuple[str, str | None, bool]:
     """(run folder, checkpoint to resume from, whether another run's folder is there). A training
     run never writes into another run's folder (--resume continues it, --overwrite deletes it
-    first); an evaluation folder is reused (its recorded cells are matched by identity)."""
+    first); an evaluation continues in its folder with the same config (its recorded cells are
+    matched by identity), never with another (continue_evaluation)."""
     resume_from = None
     if args.resume:
         run_dir = os.path.abspath(args.resume)
@@ -324,13 +331,42 @@ def refuse_existing(run_dir: str, cfg) -> None:
         except (OSError, ValueError):
             stored = None
     if cfg["eval_mode"] and isinstance(stored, dict) and stored.get("eval_mode") is True:
-        if schema.config_hash(stored) != schema.config_hash(cfg):
-            print(f"note: {stored_path}: replaced by this run's config (config hash "
-                  f"{schema.config_hash(stored)} -> {schema.config_hash(cfg)}); every record keeps its own hash")
+        continue_evaluation(run_dir, stored, cfg)
         return
     what = "an evaluation" if cfg["eval_mode"] else "training"
     raise UsageError(f"run folder {run_dir} already holds a run; {what} into it would replace its files: continue it "
                      f"with --resume {run_dir}, choose another --run-name, or pass --overwrite to delete it first")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def continue_evaluation(run_dir: str, stored: dict, cfg) -> None:
+    """An evaluation into a folder that holds one: the same resolved config continues it (recorded cells are
+    reused); another config is refused, as its metrics.json, plots and train_log.jsonl rows would replace or
+    mix with the earlier evaluation's, unless the folder holds nothing but config.json (a run that stopped
+    before it evaluated anything)."""
+    skip = set(CONTINUE_FREE)
+    if cfg["find_deci_layer"] and stored.get("find_deci_layer"):
+        skip.add("decimating_layers")            # the sweep's choice, written into config.json after it
+    changed = schema.changed_keys(stored, cfg, skip)
+    recorded = [f for f in os.listdir(run_dir) if f != "config.json"]
+    if changed and recorded:
+        base = schema.defaults()
+        shown = "; ".join(f"{k} {_short(stored.get(k, base[k]))} -> {_short(cfg[k])}" for k in changed[:3])
+        more = f" and {len(changed) - 3} more key(s)" if len(changed) > 3 else ""
+        raise UsageError(f"run folder {run_dir} holds an evaluation with other settings ({shown}{more}); evaluating "
+                         f"into it would replace its metrics.json and plots: pass another --run-name, or --overwrite "
+                         f"to delete it first")
+    if changed:
+        print(f"note: {os.path.join(run_dir, 'config.json')}: replaced by this run's config (the folder holds no "
+              f"result of the earlier one; changed: {', '.join(changed)})")
+    if stored.get("model_device") != cfg["model_device"]:
+        print(f"note: continuing the evaluation in {run_dir} on {cfg['model_device']} (it ran on "
+              f"{stored.get('model_device')!r}): each record names its device; metrics.json and the plots will "
+              f"describe this run's")
 
 
 # ---------------------------------------------------------------------------- main

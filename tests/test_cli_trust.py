@@ -170,6 +170,66 @@ def test_a_run_name_made_from_a_path_like_model_type_is_refused():
         finetune_ssm.run_name(finetune_ssm.parse_args([]), cfg)
 
 
+def test_an_evaluation_with_other_settings_does_not_replace_one_in_its_folder(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    _save_tiny(ck, 0)
+    args = [*EVAL, "--set", f"load_cp={ck}", "--set", f"output_dir={tmp_path}", "--run-name", "shared"]
+    other = [*args, "--set", "niah_context_lens_eval=[120]", "--set", "activate_decimation=false"]
+    assert finetune_ssm.main(args) == 0
+    run = tmp_path / "shared"
+    files = ("config.json", "metrics.json", "results.jsonl", "train_log.jsonl", "plots/niah_custom_step0.png")
+    before = {f: (run / f).read_bytes() for f in files}
+    capsys.readouterr()
+    _one_line_error(capsys, finetune_ssm.main(other), 1, "holds an evaluation with other settings",
+                    "niah_context_lens_eval [100] -> [120]", "activate_decimation True -> False", "another --run-name",
+                    "--overwrite")
+    assert {f: (run / f).read_bytes() for f in files} == before
+    assert finetune_ssm.main(args) == 0                    # the same config continues in its folder
+    assert "reusing 2 recorded cell(s)" in capsys.readouterr().out
+    assert finetune_ssm.main([*other, "--overwrite"]) == 0
+    assert [r["ctx_len"] for r in _records(run)] == [120, 120]
+
+
+def test_a_folder_holding_no_result_takes_another_config(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    _save_tiny(ck, 0)
+    args = [*EVAL, "--set", f"load_cp={ck}", "--set", f"output_dir={tmp_path}", "--run-name", "shared"]
+    assert finetune_ssm.main(args) == 0
+    run = tmp_path / "shared"
+    for p in sorted(run.rglob("*"), reverse=True):         # as if the run stopped before it evaluated anything
+        if p.name != "config.json":
+            p.rmdir() if p.is_dir() else p.unlink()
+    capsys.readouterr()
+    assert finetune_ssm.main([*args, "--set", "niah_context_lens_eval=[120]"]) == 0
+    assert "holds no result of the earlier one; changed: niah_context_lens_eval" in capsys.readouterr().out
+    assert json.loads((run / "config.json").read_text())["niah_context_lens_eval"] == [120]
+
+
+def test_an_evaluation_continued_on_another_device_says_so(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    _save_tiny(ck, 0)
+    args = [*EVAL, "--set", f"load_cp={ck}", "--set", f"output_dir={tmp_path}", "--run-name", "ev"]
+    assert finetune_ssm.main(args) == 0
+    stored = tmp_path / "ev" / "config.json"
+    stored.write_text(json.dumps({**json.loads(stored.read_text()), "model_device": "cuda:0"}))  # as if run on a GPU
+    capsys.readouterr()
+    assert finetune_ssm.main(args) == 0
+    assert "on cpu (it ran on 'cuda:0'): each record names its device" in capsys.readouterr().out
+
+
+def test_a_layer_sweep_evaluation_continues_in_its_folder(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    _save_tiny(ck, 0)
+    args = [*EVAL, "--set", f"load_cp={ck}", "--set", f"output_dir={tmp_path}", "--run-name", "sweep",
+            "--set", "find_deci_layer=true", "--set", "find_deci_layer_candidates=[0,1]"]
+    assert finetune_ssm.main(args) == 0                    # config.json now holds the chosen layer
+    chosen = json.loads((tmp_path / "sweep" / "find_deci_layer.json").read_text())["chosen_layer"]
+    assert json.loads((tmp_path / "sweep" / "config.json").read_text())["decimating_layers"] == [chosen]
+    capsys.readouterr()
+    assert finetune_ssm.main(args) == 0
+    assert capsys.readouterr().out.count("reusing 2 recorded cell(s)") == 3     # both sweep layers and the result
+
+
 # ---------------------------------------------------------------------------- item 6: stop, resume, recover_step
 def test_sigterm_exits_3_and_a_second_signal_during_the_write_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
     real_step, real_save = train_loop.train_step, ckpt.save_checkpoint
