@@ -58,7 +58,7 @@ def parse_args(argv):
     p.add_argument("--dry-run", action="store_true", help="validate, print the resolved config, exit")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue a training run from its latest checkpoint (--set only for schema.RESUME_SAFE keys)")
-    p.add_argument("--run-name", default=None, help="run folder name under output_dir")
+    p.add_argument("--run-name", default=None, help="run folder: one folder name under output_dir (no '/')")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run folder of that name first")
     p.add_argument("--fresh-eval", action="store_true",
                    help="evaluate every cell again instead of reusing recorded ones (new records are appended)")
@@ -165,7 +165,8 @@ def decimation_config(cfg) -> dict:
 
 
 def check_checkpoint_depth(cfg) -> None:
-    """decimating_layers against a local load_cp's depth, before anything is loaded (--dry-run too)."""
+    """decimating_layers and find_deci_layer_candidates against a local load_cp's depth, before anything is
+    loaded (--dry-run too)."""
     cp = cfg["load_cp"]
     if not (cfg["mamba_arch"] == "deci" and cfg["activate_decimation"] and cp and os.path.isdir(cp)):
         return
@@ -175,8 +176,13 @@ def check_checkpoint_depth(cfg) -> None:
     except (OSError, ValueError):
         return                                   # the loader reports a missing or damaged config.json
     n = raw.get("n_layer", raw.get("num_hidden_layers")) if isinstance(raw, dict) else None
-    bad = [i for i in cfg["decimating_layers"] if isinstance(n, int) and i >= n]
-    if not bad:
+    if not isinstance(n, int):
+        return
+    cands = cfg["find_deci_layer_candidates"] if cfg["find_deci_layer"] else None
+    if any(i >= n for i in cands or []):
+        raise UsageError(f"find_deci_layer_candidates={cands} but checkpoint {cp!r} has {n} layers (0..{n - 1}): "
+                         f"sweep layers that exist, or pass null for the default sweep")
+    if not any(i >= n for i in cfg["decimating_layers"]):
         return
     trained = ""
     run_cfg = os.path.join(cp, ckpt.RUN_CONFIG)
@@ -239,20 +245,45 @@ def build_model(cfg, tok, device, weights=None):
 
 
 # ---------------------------------------------------------------------------- run folder
+# Keys an evaluation may continue in its run folder with another value of: where files and logs go, wall-time
+# limits, and the device (noted: every record and metrics.json name the device they were measured on).
+CONTINUE_FREE = ("output_dir", "cache_dir", "activate_logging", "wandb_dir", "wandb_project", "wandb_mode",
+                 "run_name_addon", "max_train_seconds", "model_device")
+
+
+def plain_folder_name(name: str) -> bool:
+    """One folder name: not empty, '.' or '..', no path separator (so <output_dir>/<name> is a direct child)."""
+    seps = {"/", "\\", os.sep, os.altsep} - {None}
+    return name not in ("", ".", "..") and not any(c in name for c in seps) and "\0" not in name
+
+
+def check_run_name(name: str | None) -> None:
+    if name is not None and not plain_folder_name(name):
+        raise schema.ConfigError([f"--run-name {name!r}: must be one folder name under output_dir (not empty, "
+                                  f"'.' or '..', no '/' or '\\')"], "command line")
+
+
 def run_name(args, cfg) -> str:
-    if args.run_name:
+    if args.run_name is not None:
         return args.run_name
     if cfg["eval_mode"]:                 # derived from the config hash: rerunning resumes it
         tag = os.path.basename(str(cfg["load_cp"] or cfg["model_type"]).rstrip("/"))
-        return f"eval_{cfg['mamba_arch']}_{tag}_{cfg['dataset']}_{schema.config_hash(cfg)}"
-    stamp = datetime.datetime.now().strftime("%Y_%m_%d__%H_%M_%S")
-    return f"{stamp}_{cfg['mamba_arch']}_{cfg['model_type']}_{cfg['dataset']}_seed_{cfg['seed']}{cfg['run_name_addon']}"
+        name = f"eval_{cfg['mamba_arch']}_{tag}_{cfg['dataset']}_{schema.config_hash(cfg)}"
+    else:
+        stamp = datetime.datetime.now().strftime("%Y_%m_%d__%H_%M_%S")
+        name = (f"{stamp}_{cfg['mamba_arch']}_{cfg['model_type']}_{cfg['dataset']}_seed_{cfg['seed']}"
+                f"{cfg['run_name_addon']}")
+    if not plain_folder_name(name):
+        raise UsageError(f"the run name made from the config, {name!r}, is not one folder name (a value in it, "
+                         f"e.g. model_type, holds a path separator): pass --run-name NAME")
+    return name
 
 
 def locate_run(args, cfg, world) -> tuple[str, str | None, bool]:
     """(run folder, checkpoint to resume from, whether another run's folder is there). A training
     run never writes into another run's folder (--resume continues it, --overwrite deletes it
-    first); an evaluation folder is reused (its recorded cells are matched by identity)."""
+    first); an evaluation continues in its folder with the same config (its recorded cells are
+    matched by identity), never with another (continue_evaluation)."""
     resume_from = None
     if args.resume:
         run_dir = os.path.abspath(args.resume)
@@ -277,6 +308,10 @@ def open_run_dir(args, cfg, run_dir, existing, rank, world) -> None:
         torch.distributed.barrier()             # every rank has checked before rank 0 changes the folder
     if rank == 0:
         if existing and args.overwrite:
+            root = os.path.abspath(cfg["output_dir"])
+            if os.path.dirname(run_dir) != root or not plain_folder_name(os.path.basename(run_dir)):
+                raise UsageError(f"--overwrite deletes only a run folder directly in output_dir {root}, and "
+                                 f"{run_dir} is not one: nothing was deleted")
             print(f"--overwrite: deleting the earlier run folder {run_dir}")
             shutil.rmtree(run_dir)
         elif existing:
@@ -296,13 +331,42 @@ def refuse_existing(run_dir: str, cfg) -> None:
         except (OSError, ValueError):
             stored = None
     if cfg["eval_mode"] and isinstance(stored, dict) and stored.get("eval_mode") is True:
-        if schema.config_hash(stored) != schema.config_hash(cfg):
-            print(f"note: {stored_path}: replaced by this run's config (config hash "
-                  f"{schema.config_hash(stored)} -> {schema.config_hash(cfg)}); every record keeps its own hash")
+        continue_evaluation(run_dir, stored, cfg)
         return
     what = "an evaluation" if cfg["eval_mode"] else "training"
     raise UsageError(f"run folder {run_dir} already holds a run; {what} into it would replace its files: continue it "
                      f"with --resume {run_dir}, choose another --run-name, or pass --overwrite to delete it first")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def continue_evaluation(run_dir: str, stored: dict, cfg) -> None:
+    """An evaluation into a folder that holds one: the same resolved config continues it (recorded cells are
+    reused); another config is refused, as its metrics.json, plots and train_log.jsonl rows would replace or
+    mix with the earlier evaluation's, unless the folder holds nothing but config.json (a run that stopped
+    before it evaluated anything)."""
+    skip = set(CONTINUE_FREE)
+    if cfg["find_deci_layer"] and stored.get("find_deci_layer"):
+        skip.add("decimating_layers")            # the sweep's choice, written into config.json after it
+    changed = schema.changed_keys(stored, cfg, skip)
+    recorded = [f for f in os.listdir(run_dir) if f != "config.json"]
+    if changed and recorded:
+        base = schema.defaults()
+        shown = "; ".join(f"{k} {_short(stored.get(k, base[k]))} -> {_short(cfg[k])}" for k in changed[:3])
+        more = f" and {len(changed) - 3} more key(s)" if len(changed) > 3 else ""
+        raise UsageError(f"run folder {run_dir} holds an evaluation with other settings ({shown}{more}); evaluating "
+                         f"into it would replace its metrics.json and plots: pass another --run-name, or --overwrite "
+                         f"to delete it first")
+    if changed:
+        print(f"note: {os.path.join(run_dir, 'config.json')}: replaced by this run's config (the folder holds no "
+              f"result of the earlier one; changed: {', '.join(changed)})")
+    if stored.get("model_device") != cfg["model_device"]:
+        print(f"note: continuing the evaluation in {run_dir} on {cfg['model_device']} (it ran on "
+              f"{stored.get('model_device')!r}): each record names its device; metrics.json and the plots will "
+              f"describe this run's")
 
 
 # ---------------------------------------------------------------------------- main
@@ -312,6 +376,7 @@ def run(args) -> int:
         return 0
     cfg, notes, source = resolve_config(args)
     print(f"config: {source} (precedence: schema defaults <- file <- --set <- --device)")
+    check_run_name(args.run_name)
     check_checkpoint_depth(cfg)
     check_squad_split(cfg)
     if args.dry_run:

@@ -60,6 +60,10 @@ def _device(v):
     return v in ("cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())
 
 
+def _no_path_separator(v):
+    return "/" not in v and "\\" not in v
+
+
 WIKITEXT_SPLITS = ("train", "validation", "test")
 
 
@@ -70,7 +74,7 @@ KEYS: list[Key] = [
     K("cache_dir", "str", "./hf_cache", "Hugging Face cache for hub models and datasets"),
     K("activate_logging", "bool", True, "log to wandb (lazy import; offline unless WANDB_API_KEY or wandb_mode says otherwise)"),
     K("wandb_dir", "str", "./wandb", "wandb run files"),
-    K("run_name_addon", "str", "", "suffix of the run name"),
+    K("run_name_addon", "str", "", "suffix of the run name", _no_path_separator, "without '/' or '\\' (it is part of one folder name)"),
     K("record_debug_params", "bool", False, "record A, B, C, Δ and kept indices per layer during passkey eval (eval 6)"),
     K("recover_step", "int?", None, "skip the first N batches of epoch 0 (prefer --resume, which restores everything)", _nonneg, ">= 0"),
     K("eval_mode", "bool", False, "only run the initial evaluation"),
@@ -80,7 +84,7 @@ KEYS: list[Key] = [
     K("load_cp", "str?", None, "checkpoint to load: hub id or local directory", _nonempty, "a hub id or a local directory (null: state-spaces/<model_type>)"),
     K("clip_grad", "bool", True, "clip the total gradient norm"),
     K("clip_grad_max_norm", "float", 1, "clipping threshold", _pos, "> 0"),
-    K("seed", "int", 123, "seed of every RNG"),
+    K("seed", "int", 123, "seed of every RNG", lambda v: 0 <= v < 2**32, "in [0, 2**32 - 1] (numpy's seed range)"),
     K("lr_sched_type", "str", "const", "'const', or 'cosine' (linear warmup then cosine to 0)", lambda v: v in ("const", "cosine"), "one of ['const', 'cosine']"),
     K("save_steps", "int", 100, "periodic checkpoint interval in optimizer steps", _pos, "> 0"),
     K("eval_steps", "int", 20, "evaluation interval in optimizer steps", _pos, "> 0"),
@@ -153,7 +157,7 @@ KEYS: list[Key] = [
     K("lm_eval_split", "str", "validation", "lm_corpus: split evaluated during training", original=False),
     K("lm_eval_context_lens", "list[int]", [2048], "lm_corpus: evaluated window lengths", lambda v: v and all(x > 1 for x in v), "non-empty, each > 1", original=False),
     K("lm_eval_windows", "int", 32, "lm_corpus: evaluation windows per length, spread evenly over the split", _pos, "> 0", original=False),
-    K("find_deci_layer_candidates", "list[int]?", None, "layers swept by find_deci_layer (null: 8..n_layer-1, or all if n_layer <= 8)", original=False),
+    K("find_deci_layer_candidates", "list[int]?", None, "layers swept by find_deci_layer (null: 8..n_layer-1, or all if n_layer <= 8)", lambda v: all(x >= 0 for x in v), "layer numbers, each >= 0", original=False),
     K("wandb_project", "str", "icl_ssm", "wandb project", original=False),
     K("wandb_mode", "str?", None, "wandb mode: 'online', 'offline' or 'disabled' (null: online only if WANDB_API_KEY is set)", lambda v: v in ("online", "offline", "disabled"), "one of ['online', 'offline', 'disabled']", original=False),
 ]
@@ -187,20 +191,56 @@ def defaults() -> dict:
     return {k.name: (list(k.default) if isinstance(k.default, list) else k.default) for k in KEYS}
 
 
-def validate(cfg: dict, source: str = "config") -> list[str]:
-    """Return notes on inert keys; raise ConfigError listing every problem."""
-    problems = [f"unknown key {name!r} ({_suggest(name)})" for name in cfg if name not in KEY_BY_NAME]
-    hint = "python finetune_ssm.py --list-keys prints every key with its type and default" if problems else ""
+# Float keys whose infinity means something (every other float must be finite).
+INFINITY_ALLOWED = {"decimation_max_p_L_base": "inf: the budget keeps every token (modules/decimation.py)"}
+
+
+def _finite(k: Key, v) -> bool:
+    if not k.type.startswith(("float", "list[float]")) or v is None:
+        return True
+    values = v if isinstance(v, list) else [v]
+    return all(math.isfinite(x) or (k.name in INFINITY_ALLOWED and x == math.inf) for x in values)
+
+
+def _as_typed(v) -> str:
+    """A --set value as it was typed: parse_set keeps text that is not JSON as a plain string."""
+    if isinstance(v, str):
+        try:
+            json.loads(v)
+        except json.JSONDecodeError:
+            return v
+    return json.dumps(v)
+
+
+def _key_problems(cfg: dict, from_set) -> tuple[list[str], bool]:
+    """(problems of single keys, whether every one of them came from --set)."""
+    keys = [name for name in cfg if name not in KEY_BY_NAME]          # the keys with a problem
+    problems = [f"unknown key {name!r} ({_suggest(name)})" for name in keys]
     for k in KEYS:
         if k.name not in cfg:
             continue
         v = cfg[k.name]
+        shown = f"--set {k.name}={_as_typed(v)}" if k.name in from_set else f"{k.name}={v!r}"
         if not _type_ok(k.type, v):
-            problems.append(f"{k.name}={v!r}: expected {k.type.replace('?', ' or null')}")
+            problems.append(f"{shown}: expected {k.type.replace('?', ' or null')}")
+        elif not _finite(k, v):
+            problems.append(f"{shown}: must be a finite number")
         elif v is not None and k.check is not None and not k.check(v):
-            problems.append(f"{k.name}={v!r}: must be {k.rule}")
+            problems.append(f"{shown}: must be {k.rule}")
+        else:
+            continue
+        keys.append(k.name)
+    return problems, bool(keys) and all(name in from_set for name in keys)
+
+
+def validate(cfg: dict, source: str = "config", from_set=()) -> list[str]:
+    """Return notes on inert keys; raise ConfigError listing every problem. from_set: the keys --set gave
+    (their problems name the --set value; all of them from --set: the error's source is the command line)."""
+    problems, all_set = _key_problems(cfg, from_set)
+    hint = "python finetune_ssm.py --list-keys prints every key with its type and default" if any(
+        p.startswith("unknown key") for p in problems) else ""
     if problems:
-        raise ConfigError(problems, source, hint)
+        raise ConfigError(problems, "command line" if all_set else source, hint)
     deci = cfg["mamba_arch"] == "deci"
     if cfg["activate_decimation"] and not deci:
         problems.append("activate_decimation is true but mamba_arch is 'vanilla' (a vanilla model never decimates): "
@@ -325,6 +365,9 @@ def load(path: str | None, overrides: dict | None = None, device: str | None = N
     cfg = defaults()
     source = path or "defaults"
     if path is not None:
+        if os.path.isdir(path):
+            raise ConfigError(["a folder, not a file: --config needs a JSON config file "
+                               "(e.g. configs/demo_config.json)"], source)
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f, object_pairs_hook=_reject_duplicates)
@@ -343,7 +386,7 @@ def load(path: str | None, overrides: dict | None = None, device: str | None = N
     cfg.update(overrides or {})
     if device is not None:
         cfg["model_device"] = device
-    return cfg, validate(cfg, source)
+    return cfg, validate(cfg, source, from_set=set(overrides or {}) - ({"model_device"} if device else set()))
 
 
 def parse_set(items: list[str]) -> dict:
@@ -380,6 +423,13 @@ def config_hash(cfg: dict) -> str:
             "wandb_project", "wandb_mode", "eval_mode", "recover_step", "max_train_seconds"}
     blob = json.dumps({k: v for k, v in sorted(cfg.items()) if k not in skip}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def changed_keys(old: dict, new: dict, ignore=()) -> list[str]:
+    """Schema keys whose value differs between two resolved configs (a key ``old`` lacks: its default)."""
+    base = defaults()
+    return [k.name for k in KEYS
+            if k.name not in ignore and old.get(k.name, base[k.name]) != new.get(k.name, base[k.name])]
 
 
 def describe_keys() -> str:

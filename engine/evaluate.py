@@ -133,6 +133,9 @@ def find_deci_layer(task, model, cfg, run_dir, device, weights=None, fresh=False
     ``model`` and ``cfg``. Each layer's cells carry that layer in their config hash."""
     n = model.config.n_layer
     cands = cfg["find_deci_layer_candidates"] or (list(range(8, min(n, 25))) if n > 8 else list(range(n)))
+    if any(not 0 <= layer < n for layer in cands):      # a hub model's depth is known only once it is loaded
+        raise ValueError(f"find_deci_layer_candidates={cands} but the model has {n} layers (0..{n - 1}): sweep layers "
+                         f"that exist, or pass null for the default sweep")
     saved = list(model.decimation.decimating_layers)
     scores = {}
     for layer in cands:

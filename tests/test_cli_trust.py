@@ -143,6 +143,93 @@ def test_an_evaluation_does_not_write_into_a_training_run(tmp_path, capsys):
     assert json.loads((run / "config.json").read_text())["eval_mode"] is False
 
 
+@pytest.mark.parametrize("name", [".", "..", "a/b", "/abs/run", ""])
+def test_a_run_name_is_one_folder_name(tmp_path, capsys, name):
+    out = tmp_path / "o"
+    (out / "sibling").mkdir(parents=True)
+    (out / "sibling" / "keep").write_text("x")
+    rc = finetune_ssm.main([*EVAL, "--set", f"output_dir={out}", "--run-name", name, "--overwrite"])
+    _one_line_error(capsys, rc, 2, f"--run-name {name!r}: must be one folder name under output_dir")
+    assert (out / "sibling" / "keep").read_text() == "x"
+
+
+def test_overwrite_deletes_only_a_direct_child_of_output_dir(tmp_path):
+    out = tmp_path / "o"
+    (out / "a" / "b").mkdir(parents=True)
+    args = finetune_ssm.parse_args(["--overwrite"])
+    for run_dir in (out, out / "a" / "b", tmp_path):
+        with pytest.raises(finetune_ssm.UsageError, match="nothing was deleted"):
+            finetune_ssm.open_run_dir(args, {"output_dir": str(out)}, str(run_dir), True, 0, 1)
+    assert (out / "a" / "b").is_dir()
+
+
+def test_a_run_name_made_from_a_path_like_model_type_is_refused():
+    cfg, _ = schema.load(None, {"model_type": "org/model"})
+    made = "made from the config, '.*_deci_org/model_niah_custom_seed_123', is not one folder name"
+    with pytest.raises(finetune_ssm.UsageError, match=made):
+        finetune_ssm.run_name(finetune_ssm.parse_args([]), cfg)
+
+
+def test_an_evaluation_with_other_settings_does_not_replace_one_in_its_folder(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    _save_tiny(ck, 0)
+    args = [*EVAL, "--set", f"load_cp={ck}", "--set", f"output_dir={tmp_path}", "--run-name", "shared"]
+    other = [*args, "--set", "niah_context_lens_eval=[120]", "--set", "activate_decimation=false"]
+    assert finetune_ssm.main(args) == 0
+    run = tmp_path / "shared"
+    files = ("config.json", "metrics.json", "results.jsonl", "train_log.jsonl", "plots/niah_custom_step0.png")
+    before = {f: (run / f).read_bytes() for f in files}
+    capsys.readouterr()
+    _one_line_error(capsys, finetune_ssm.main(other), 1, "holds an evaluation with other settings",
+                    "niah_context_lens_eval [100] -> [120]", "activate_decimation True -> False", "another --run-name",
+                    "--overwrite")
+    assert {f: (run / f).read_bytes() for f in files} == before
+    assert finetune_ssm.main(args) == 0                    # the same config continues in its folder
+    assert "reusing 2 recorded cell(s)" in capsys.readouterr().out
+    assert finetune_ssm.main([*other, "--overwrite"]) == 0
+    assert [r["ctx_len"] for r in _records(run)] == [120, 120]
+
+
+def test_a_folder_holding_no_result_takes_another_config(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    _save_tiny(ck, 0)
+    args = [*EVAL, "--set", f"load_cp={ck}", "--set", f"output_dir={tmp_path}", "--run-name", "shared"]
+    assert finetune_ssm.main(args) == 0
+    run = tmp_path / "shared"
+    for p in sorted(run.rglob("*"), reverse=True):         # as if the run stopped before it evaluated anything
+        if p.name != "config.json":
+            p.rmdir() if p.is_dir() else p.unlink()
+    capsys.readouterr()
+    assert finetune_ssm.main([*args, "--set", "niah_context_lens_eval=[120]"]) == 0
+    assert "holds no result of the earlier one; changed: niah_context_lens_eval" in capsys.readouterr().out
+    assert json.loads((run / "config.json").read_text())["niah_context_lens_eval"] == [120]
+
+
+def test_an_evaluation_continued_on_another_device_says_so(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    _save_tiny(ck, 0)
+    args = [*EVAL, "--set", f"load_cp={ck}", "--set", f"output_dir={tmp_path}", "--run-name", "ev"]
+    assert finetune_ssm.main(args) == 0
+    stored = tmp_path / "ev" / "config.json"
+    stored.write_text(json.dumps({**json.loads(stored.read_text()), "model_device": "cuda:0"}))  # as if run on a GPU
+    capsys.readouterr()
+    assert finetune_ssm.main(args) == 0
+    assert "on cpu (it ran on 'cuda:0'): each record names its device" in capsys.readouterr().out
+
+
+def test_a_layer_sweep_evaluation_continues_in_its_folder(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    _save_tiny(ck, 0)
+    args = [*EVAL, "--set", f"load_cp={ck}", "--set", f"output_dir={tmp_path}", "--run-name", "sweep",
+            "--set", "find_deci_layer=true", "--set", "find_deci_layer_candidates=[0,1]"]
+    assert finetune_ssm.main(args) == 0                    # config.json now holds the chosen layer
+    chosen = json.loads((tmp_path / "sweep" / "find_deci_layer.json").read_text())["chosen_layer"]
+    assert json.loads((tmp_path / "sweep" / "config.json").read_text())["decimating_layers"] == [chosen]
+    capsys.readouterr()
+    assert finetune_ssm.main(args) == 0
+    assert capsys.readouterr().out.count("reusing 2 recorded cell(s)") == 3     # both sweep layers and the result
+
+
 # ---------------------------------------------------------------------------- item 6: stop, resume, recover_step
 def test_sigterm_exits_3_and_a_second_signal_during_the_write_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
     real_step, real_save = train_loop.train_step, ckpt.save_checkpoint
@@ -223,15 +310,15 @@ def test_duplicate_json_keys_are_rejected(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("sets,needles", [
-    (["model_device=gpu"], ["model_device='gpu'", "cuda:<n>"]),
-    (["load_cp="], ["load_cp=''", "hub id or a local directory"]),
+    (["model_device=gpu"], ["--set model_device=gpu:", "cuda:<n>"]),
+    (["load_cp="], ["--set load_cp=:", "hub id or a local directory"]),
     (['scratch_model_config={"d_model": 16, "n_layer": 4, "ssm_cfg": [1]}'], ["scratch_model_config.ssm_cfg=[1]", "object"]),
     (['scratch_model_config={"d_model": 16, "n_layer": 4}', "decimating_layers=[10]"],
      ["decimating_layers=[10]", "n_layer=4: layers 0..3"]),
     (['scratch_model_config={"d_model": 16, "n_layr": 4}'], ["scratch_model_config=", "n_layr"]),
     (["learning_rate=0.1"], ["unknown key 'learning_rate'", "did you mean 'lr'?"]),
     (["niah_context_length_eval=[1000]"], ["did you mean 'niah_context_lens_eval'"]),
-    (["niah_noise_split_eval=dev"], ["niah_noise_split_eval='dev'", "'validation'"]),
+    (["niah_noise_split_eval=dev"], ["--set niah_noise_split_eval=dev:", "'validation'"]),
 ])
 def test_config_gaps_are_one_line(tmp_path, capsys, sets, needles):
     err = _one_line_error(capsys, _dry(tmp_path, *sets), 2, *needles)
@@ -244,6 +331,35 @@ def test_preset_on_a_checkpoint_of_another_depth_says_which_keys_to_set(tmp_path
     rc = finetune_ssm.main(["--eval", "2", "--device", "cpu", "--dry-run", "--set", f"load_cp={ck}"])
     _one_line_error(capsys, rc, 1, "decimating_layers=[12]", "has 2 layers", "--set decimating_layers=[1]",
                     "activate_decimation=false")
+
+
+def test_sweep_candidates_must_exist_in_the_checkpoint(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    _save_tiny(ck, 0)                                              # 2 layers
+    sweep = [*EVAL, "--dry-run", "--set", f"load_cp={ck}", "--set", "find_deci_layer=true"]
+    rc = finetune_ssm.main([*sweep, "--set", "find_deci_layer_candidates=[1, 99]"])
+    _one_line_error(capsys, rc, 1, "find_deci_layer_candidates=[1, 99]", "has 2 layers (0..1)")
+    _one_line_error(capsys, finetune_ssm.main([*sweep, "--set", "find_deci_layer_candidates=[-1]"]), 2,
+                    "--set find_deci_layer_candidates=[-1]: must be layer numbers, each >= 0")
+    assert finetune_ssm.main([*sweep, "--set", "find_deci_layer_candidates=[0, 1]"]) == 0
+
+
+def test_sweep_candidates_are_checked_against_the_loaded_model(tmp_path):
+    from engine.evaluate import find_deci_layer
+
+    model = DecimatingMambaModel(MambaConfig(d_model=16, n_layer=2, vocab_size=100))
+    cfg, _ = schema.load(None, {"find_deci_layer_candidates": [1, 5]})
+    with pytest.raises(ValueError, match=r"find_deci_layer_candidates=\[1, 5\] but the model has 2 layers \(0..1\)"):
+        find_deci_layer(None, model, cfg, str(tmp_path), "cpu")  # the task is never reached
+    assert os.listdir(tmp_path) == [] and cfg["decimating_layers"] == [12]
+
+
+def test_a_folder_or_a_bad_set_value_is_named_in_one_line(tmp_path, capsys):
+    _one_line_error(capsys, finetune_ssm.main(["--config", str(tmp_path), "--dry-run"]), 2,
+                    f"{tmp_path}: a folder, not a file: --config needs a JSON config file")
+    rc = finetune_ssm.main(["--config", "configs/demo_config.json", "--set", "lr=abc", "--dry-run"])
+    err = _one_line_error(capsys, rc, 2, "--set lr=abc: expected float")
+    assert "demo_config.json" not in err
 
 
 # ---------------------------------------------------------------------------- item 13: tasks own their chunking

@@ -1,6 +1,7 @@
 """Config schema and command line: original files load unchanged; bad input fails clearly."""
 import filecmp
 import json
+import math
 import os
 import subprocess
 import sys
@@ -49,7 +50,7 @@ def test_all_problems_reported_together():
     with pytest.raises(schema.ConfigError) as e:
         schema.load(None, {"decimation_beta": 1.5, "lr": -1, "lrr": 3, "mamba_arch": "vanilla", "epochs": "3"})
     msg = str(e.value)
-    for needle in ("decimation_beta=1.5", "lr=-1", "unknown key 'lrr'", "did you mean", "epochs='3'",
+    for needle in ("--set decimation_beta=1.5", "--set lr=-1", "unknown key 'lrr'", "did you mean", '--set epochs="3"',
                    "--list-keys"):
         assert needle in msg
     assert "wandb_mode" not in msg                        # the 80 keys are not listed
@@ -113,3 +114,58 @@ def test_cli_cuda_requested_without_cuda():
         pytest.skip("this machine has CUDA")
     r = cli("--eval", "2", "--set", "output_dir=/tmp/none")
     assert r.returncode == 1 and "pass --device cpu" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"lr": math.inf}, "--set lr=Infinity: must be a finite number"),
+    ({"lr": math.nan}, "--set lr=NaN: must be a finite number"),
+    ({"weight_decay": math.inf}, "--set weight_decay=Infinity: must be a finite number"),
+    ({"weight_decay": math.nan}, "--set weight_decay=NaN: must be a finite number"),
+    ({"max_train_seconds": math.inf}, "--set max_train_seconds=Infinity: must be a finite number"),
+    ({"decimation_max_p_L_base": -math.inf}, "--set decimation_max_p_L_base=-Infinity: must be a finite number"),
+    ({"seed": -1}, "--set seed=-1: must be in [0, 2**32 - 1]"),
+    ({"seed": 2**32}, "--set seed=4294967296: must be in [0, 2**32 - 1]"),
+    ({"find_deci_layer_candidates": [3, -1]}, "--set find_deci_layer_candidates=[3, -1]: must be layer numbers, "
+                                              "each >= 0"),
+    ({"run_name_addon": "_x/../../y"}, "--set run_name_addon=_x/../../y: must be without '/'"),
+    ({"lr": "abc"}, "--set lr=abc: expected float"),
+])
+def test_a_bad_set_value_is_one_line_naming_it(overrides, needle):
+    with pytest.raises(schema.ConfigError) as e:
+        schema.load(os.path.join(REPO, "configs", "demo_config.json"), overrides)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"command line: {needle}"), msg
+    assert "demo_config.json" not in msg                 # the value came from --set, not from the file
+
+
+def test_the_edges_of_the_ranges_load():
+    # decimation_max_p_L_base inf: the budget keeps every token (modules/decimation.py), so it may be infinite
+    for overrides in ({"seed": 0}, {"seed": 2**32 - 1}, {"find_deci_layer_candidates": [0]},
+                      {"decimation_max_p_L_base": math.inf}):
+        cfg, _ = schema.load(None, overrides)
+        assert {k: cfg[k] for k in overrides} == overrides
+
+
+def test_a_bad_file_value_names_the_file(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text('{"lr": Infinity, "seed": 5}')
+    with pytest.raises(schema.ConfigError) as e:
+        schema.load(str(p), {"seed": -1})
+    assert str(e.value).splitlines() == [f"{p} has 2 problems:",
+                                         "  - --set seed=-1: must be in [0, 2**32 - 1] (numpy's seed range)",
+                                         "  - lr=inf: must be a finite number"]
+
+
+def test_a_folder_as_config_file_says_a_json_file_is_needed(tmp_path):
+    with pytest.raises(schema.ConfigError) as e:
+        schema.load(str(tmp_path))
+    assert str(e.value) == (f"{tmp_path}: a folder, not a file: --config needs a JSON config file "
+                            f"(e.g. configs/demo_config.json)")
+
+
+def test_changed_keys_compare_resolved_configs():
+    a, _ = schema.load(None, {"seed": 1})
+    b = {k: v for k, v in a.items() if k != "lr"}                       # lr missing: its default, unchanged
+    assert schema.changed_keys(a, {**b, "seed": 2, "wandb_dir": "x"}) == ["wandb_dir", "seed"]
+    assert schema.changed_keys(a, {**b, "seed": 2, "wandb_dir": "x"}, ignore=("wandb_dir",)) == ["seed"]
+    assert schema.changed_keys(a, b) == []
