@@ -51,6 +51,7 @@ GP=""
 grid() {  # NAME ARCH RUN LAYER L_BASE LENS [--set ...]: 5 depths x 5 samples per length, in the background (pids GP)
   local n=$1 arch=$2 w layer=$4 lbase=$5 lens=$6; w=$(latest $RUNS/$3); shift 6
   [ -n "$w" ] || { echo "$n: no checkpoint of $RUNS/$3" >> "$L/commands.txt"; return; }
+  n=${n}_$(basename "$w")   # one folder per checkpoint: finetune_ssm.py refuses other settings in a run's folder
   args=(--config configs/passkey_small_$arch.json --run-name $n --set eval_mode=true --set output_dir=$RUNS
         --set load_cp=$w --set scratch_model_config=null --set niah_samples_per_cell=5 --set "decimating_layers=[$layer]"
         --set decimation_max_p_L_base=$lbase --set "niah_context_lens_eval=$lens" --set eval_batch_tokens=524288 "$@")
