@@ -9,7 +9,7 @@ Forward: ``modules.triton_scan.selective_scan_fwd`` (y and the last state). Back
 (batch row, BLOCK_D channels, chunk of tokens), every state of a channel in the program's registers.
 A program walks its chunk sequentially, so the sequence is cut into chunks when batch × channel
 blocks alone would leave the GPU's warp slots idle (training shapes: 32 × 2K tokens × 448 channels
-give 448 one-warp programs for 132 SMs); on one chunk passes 1, 2, 4 and 5 are skipped:
+give 448 one-warp programs for 132 SMs: 3 chunks of 688 tokens); on one chunk passes 1, 2, 4 and 5 are skipped:
   1. each chunk's final state from a zero state, and its Σ Δ;
   2. the carry over chunk boundaries (``modules.triton_scan._carry_kernel``): st[c] becomes the true
      state after chunk c, h_{c+1} = exp(A ΣΔ_c) ⊙ h_c + st[c], from the initial state;
@@ -35,9 +35,10 @@ from modules.triton_scan import _carry_kernel
 BLOCK_D = 32                 # channels per one-warp program (a tile of BLOCK_D × n states), at most; fewer
                              # when batch × blocks would leave SM sub-partitions idle (_block_d)
 SCRATCH_BYTES = 1 << 31      # at most 2 GiB of saved states per launch pair: channels are taken in slices
-WARPS_PER_QUAD = 4           # one-warp programs per SM sub-partition before the sequence is not cut into chunks
-                             # (a program's step waits on its loads and exps: more warps hide that latency;
-                             # the value is a choice, not yet measured: scan_backward(chunk=...) overrides it)
+WARPS_PER_QUAD = 2           # one-warp programs per SM sub-partition wanted before the sequence is left whole: pass
+                             # 5 holds 178 registers per thread (sm_90, benchmarks/results/triton_resources_sm90.md),
+                             # so 11 one-warp programs fit an SM; 8 (2 per sub-partition) leave room for the states
+                             # passes beside them. A choice from the compiled code, not yet timed (scan_backward(chunk=...))
 MIN_CHUNK = 64               # tokens per chunk, at least (each chunk adds a carry step and passes 1 and 4 walk
                              # every token once more)
 

@@ -113,12 +113,11 @@ def test_chunk_plan_fills_the_warp_slots():
     # tokens per chunk: whole where batch x channel blocks fill the slots, else enough chunks to (values by hand)
     from modules.triton_scan_bwd import MIN_CHUNK, plan_chunk
 
-    assert plan_chunk(4000, 2048, 2112) == 2048       # enough programs: one chunk
-    assert plan_chunk(448, 2048, 2112) == 416         # our LM's training shape on an H200: 5 chunks, 2,240 programs
-    assert plan_chunk(1, 100, 2112) == MIN_CHUNK      # no chunk below MIN_CHUNK tokens
-    assert plan_chunk(10, 50, 2112) == 50             # a sequence shorter than that stays whole
-    assert plan_chunk(50, 4100, 2112) == 96           # the GPU test below: 43 chunks
-
+    assert plan_chunk(4000, 2048, 1056) == 2048       # enough programs: one chunk
+    assert plan_chunk(448, 2048, 1056) == 688         # our LM's training shape on an H200 (1,056 slots): 3 chunks
+    assert plan_chunk(1, 100, 1056) == MIN_CHUNK      # no chunk below MIN_CHUNK tokens
+    assert plan_chunk(10, 50, 1056) == 50             # a sequence shorter than that stays whole
+    assert plan_chunk(50, 4100, 1056) == 192          # the GPU test below: 22 chunks
 
 @requires_cuda
 @pytest.mark.gpu
@@ -126,7 +125,7 @@ def test_chunk_plan_fills_the_warp_slots():
                          ids=["zero-state", "initial-state", "initial-state-one-chunk"])
 def test_compiled_backward_equals_torch_scan(monkeypatch, h0, chunk):
     # the compiled kernels against the pure-PyTorch scan (itself checked against the fp64 loop on CPU),
-    # fp32, 4,100 tokens (not a multiple of any block), the model's strides; the planned chunks (43 on
+    # fp32, 4,100 tokens (not a multiple of any block), the model's strides; the planned chunks (22 on
     # an H200: 2 rows x 25 blocks of 8 channels) and one chunk
     from modules import triton_scan_bwd
     from modules.selective_scan import selective_scan_ref, selective_scan_triton

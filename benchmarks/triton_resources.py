@@ -1,0 +1,182 @@
+"""Every Triton kernel of the project compiled for the H200 (sm_90) as its wrapper launches it, no GPU needed.
+
+    python benchmarks/triton_resources.py [--out benchmarks/results/triton_resources_sm90]
+
+The wrappers run on CPU tensors with their kernels replaced by recorders (nothing is computed); each
+recorded launch is specialised as Triton's JIT would (its own rules: integers equal to 1 become
+constants, multiples of 16 and 16-byte aligned pointers are marked so) and compiled for
+GPUTarget('cuda', 90) with the ptxas Triton ships. cuobjdump (shipped too) reads each cubin's
+registers per thread and stack bytes (spills), nvdisasm its SASS: spill instructions (STL, LDL),
+special-function instructions (MUFU: the exponentials) and the total, and from the registers the
+warps an SM holds (65,536 registers, at most 64 warps): the occupancy a launch plan can count on.
+Launches: the forward at mamba-130m's shape in the model's strides (bf16) and fp32 as training
+calls it, the backward at our LM's training shape in chunks (without an initial state, as in training, and
+with one), the initial-state correction.
+``tests/test_triton_compile.py`` compiles the same launches on CPU, so a kernel that would not
+compile fails before a GPU session.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+
+import torch
+import triton
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend, GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import write_results  # noqa: E402
+from modules import triton_correction, triton_scan, triton_scan_bwd  # noqa: E402
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+COLS = ["launch", "kernel", "num_warps", "registers", "stack_bytes", "spill_instructions", "mufu", "sass_instructions",
+        "resident_warps_per_sm"]
+KERNEL_NAMES = {triton_scan: ("_scan_kernel", "_carry_kernel"),
+                triton_scan_bwd: ("_states_kernel", "_adjoint_kernel", "_reverse_kernel", "_carry_kernel"),
+                triton_correction: ("_segment_sums", "_correction")}
+_OPTIONS = ("num_warps", "num_stages", "maxnreg", "num_ctas")
+
+
+@contextlib.contextmanager
+def recording(launches: list):
+    """Within: every kernel launch of the modules appends (kernel, args, kwargs) to launches instead of running."""
+    saved = []
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.fn, args, kwargs))
+
+    for mod, names in KERNEL_NAMES.items():
+        for name in names:
+            saved.append((mod, name, getattr(mod, name)))
+            setattr(mod, name, Recorder(getattr(mod, name)))
+    try:
+        yield launches
+    finally:
+        for mod, name, fn in saved:
+            setattr(mod, name, fn)
+
+
+def specialise(fn, args, kwargs):
+    """(signature, constexprs, attrs, options) of a launch, by Triton's own specialisation rules."""
+    bound = dict(zip(fn.arg_names, args)) | {k: v for k, v in kwargs.items() if k in fn.arg_names}
+    options = {k: v for k, v in kwargs.items() if k in _OPTIONS and v is not None}
+    sig, constexprs, attrs = {}, {}, {}
+    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
+        value = bound[name]
+        if param.is_constexpr:
+            sig[name], constexprs[name] = "constexpr", value
+            continue
+        kind, key = native_specialize_impl(BaseBackend, value, False, True, True)
+        sig[name] = kind
+        if kind == "constexpr":
+            constexprs[name] = value
+        elif key:
+            attrs[(i,)] = BaseBackend.parse_attr(key)
+    return sig, constexprs, attrs, options
+
+
+def compile_sm90(fn, args, kwargs):
+    sig, constexprs, attrs, options = specialise(fn, args, kwargs)
+    return triton.compile(ASTSource(fn, sig, constexprs=constexprs, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                          options=options), options.get("num_warps", 4)
+
+
+def resources(kernel, num_warps: int) -> dict:
+    """Registers and stack bytes (cuobjdump), SASS instruction counts (nvdisasm) of a compiled kernel."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "--dump-resource-usage", path], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", path], capture_output=True, text=True,
+                              check=True).stdout
+    field = {k: int(v) for k, v in re.findall(r"(REG|STACK):(\d+)", usage)}
+    ops = Counter(m.split(".")[0] for m in re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass))
+    warps = 65536 // (32 * max(field["REG"], 1)) // num_warps * num_warps
+    return dict(registers=field["REG"], stack_bytes=field["STACK"], spill_instructions=ops["STL"] + ops["LDL"],
+                mufu=ops["MUFU"], sass_instructions=sum(ops.values()), resident_warps_per_sm=min(64, warps))
+
+
+def _model_inputs(b, d, length, n=16, dt_rank=48, dtype=torch.bfloat16):
+    """Scan inputs in the layouts the mixer produces (as benchmarks/bench_scan.py's): u, z slices of
+    in_proj's (b, 2d, l) output, Δ channel-contiguous, B and C views into x_proj's (b, l, r + 2n)."""
+    xz = torch.zeros(b, 2 * d, length, dtype=dtype)
+    x_dbl = torch.zeros(b, length, dt_rank + 2 * n, dtype=dtype)
+    return dict(u=xz[:, :d], delta=torch.zeros(b, length, d, dtype=dtype).transpose(1, 2),
+                A=-torch.ones(d, n), B=x_dbl[..., dt_rank:dt_rank + n].transpose(1, 2),
+                C=x_dbl[..., dt_rank + n:].transpose(1, 2), D=torch.ones(d), z=xz[:, d:], delta_bias=torch.zeros(d))
+
+
+def _bwd_inputs(b, d, length, n=16):
+    """u, Δ (b, d, l), A (d, n), B, C (b, n, l): fp32 and contiguous, as TritonScanFn saves them."""
+    return (torch.zeros(b, d, length), torch.zeros(b, d, length), -torch.ones(d, n), torch.zeros(b, n, length),
+            torch.zeros(b, n, length))
+
+
+def launches() -> list[tuple[str, object, tuple, dict]]:
+    """(label, kernel, args, kwargs) of each launch the wrappers make in the cases of the module docstring."""
+    out = []
+    cases = [
+        ("fwd, 130m shape, model strides, bf16, 16K in 4 chunks",
+         lambda: triton_scan.selective_scan_fwd(**_model_inputs(1, 1536, 16384), delta_softplus=True,
+                                                return_last_state=True, chunk=4096)),
+        ("fwd, training (fp32 core scan), 32 x 448 x 2048",
+         lambda: triton_scan.selective_scan_fwd(torch.zeros(32, 448, 2048), torch.zeros(32, 448, 2048),
+                                                -torch.ones(448, 16), torch.zeros(32, 16, 2048),
+                                                torch.zeros(32, 16, 2048), return_last_state=True)),
+        ("bwd, training: 32 x 448 x 2048, no initial state, 3 chunks",
+         lambda: triton_scan_bwd.scan_backward(*_bwd_inputs(32, 448, 2048), None, torch.zeros(32, 448, 2048), None,
+                                               chunk=688)),
+        ("bwd, 2 x 448 x 2048, initial and last-state gradients, 3 chunks",
+         lambda: triton_scan_bwd.scan_backward(*_bwd_inputs(2, 448, 2048), torch.zeros(2, 448, 16),
+                                               torch.zeros(2, 448, 2048), torch.zeros(2, 448, 16), chunk=688)),
+        ("initial-state correction, 130m shape, bf16 Δ",
+         lambda: triton_correction.initial_state_correction(
+             torch.zeros(1, 65536, 1536, dtype=torch.bfloat16).transpose(1, 2), -torch.ones(1536, 16),
+             torch.zeros(1, 65536, 80, dtype=torch.bfloat16)[..., 64:].transpose(1, 2), torch.zeros(1, 1536, 16),
+             torch.zeros(1536), True)),
+    ]
+    for label, call in cases:
+        rec = []
+        with recording(rec):
+            call()
+        out += [(label, fn, args, kwargs) for fn, args, kwargs in rec]
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                 "triton_resources_sm90"))
+    args = p.parse_args()
+    rows = []
+    for label, fn, a, kw in launches():
+        kernel, num_warps = compile_sm90(fn, a, kw)
+        name = fn.__name__ + "".join(f" {k}={kw[k]}" for k in ("STATES_ONLY", "LOCAL") if k in kw)
+        rows.append(dict(launch=label, kernel=name, num_warps=num_warps, **resources(kernel, num_warps)))
+        print(rows[-1], flush=True)
+    notes = (f"Compiled by Triton {triton.__version__} for GPUTarget('cuda', 90, 32) (the H200) on a machine without "
+             "a GPU, each launch specialised as Triton's JIT does. registers and stack_bytes: cuobjdump "
+             "--dump-resource-usage; spill_instructions (STL + LDL), mufu (special-function instructions) and "
+             "sass_instructions: counted in nvdisasm's listing of the whole kernel (not per step). "
+             "resident_warps_per_sm: 65,536 registers / (32 x registers), whole programs, at most 64. The GPU "
+             "machine's Triton (3.6) may allocate registers differently.")
+    write_results(args.out, rows, COLS, "Triton kernels compiled for sm_90: registers, spills, occupancy", notes)
+    print(f"wrote {args.out}.md / .json")
+
+
+if __name__ == "__main__":
+    main()
