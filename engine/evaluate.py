@@ -84,20 +84,30 @@ def cell_groups(task, cells):
     return list(out.values())
 
 
-def resolved_backend(backend: str, device) -> str:
+def resolved_backend(backend: str, device, mamba2: bool = False) -> str:
     """The path that runs: 'auto' is 'kernel' on CUDA with the kernels importable, else 'torch'; on CUDA
     under DECIMAMBA_SCAN=triton the Mamba-1 scan is Triton's: 'triton_scan' ('kernel+triton_scan' beside
-    the other kernels)."""
-    from modules.kernels import HAS_KERNELS
+    the other kernels). Mamba-2 models (mamba2): 'kernel' with mamba-ssm's SSD kernels and causal-conv1d,
+    'ssd_kernel' with the SSD kernels and the conv in torch, else 'torch'."""
+    from modules import kernels
     from modules.selective_scan import scan_impl
 
     if backend == "torch":
         return "torch"
     cuda = torch.device(device).type == "cuda"
-    path = backend if backend != "auto" else ("kernel" if HAS_KERNELS and cuda else "torch")
+    if mamba2:
+        if not (cuda or backend == "kernel") or kernels._ssd_kernels()[2] is not None:
+            return "torch" if backend == "auto" else backend
+        return "kernel" if kernels.has_conv_kernel() else "ssd_kernel"
+    path = backend if backend != "auto" else ("kernel" if kernels.HAS_KERNELS and cuda else "torch")
     if cuda and scan_impl() == "triton":
         return "kernel+triton_scan" if path == "kernel" else "triton_scan"
     return path
+
+
+def _is_mamba2(model) -> bool:
+    cfg = getattr(getattr(model, "module", model), "config", None)          # DDP wraps the model in .module
+    return (getattr(cfg, "ssm_cfg", None) or {}).get("layer") == "Mamba2"
 
 
 def eval_identity(task, model, cfg, device, checkpoint: str, step: int, weights: str | None = None) -> tuple[dict, dict]:
@@ -106,7 +116,7 @@ def eval_identity(task, model, cfg, device, checkpoint: str, step: int, weights:
     dev = torch.device(device)
     identity = {"task": task.name, "task_version": task.version, "checkpoint": checkpoint,
                 "weights": weights or state_digest(model), "config_hash": schema.config_hash(cfg),
-                "backend": resolved_backend(cfg["backend"], dev),
+                "backend": resolved_backend(cfg["backend"], dev, _is_mamba2(model)),
                 "dtype": str(next(iter(model.parameters())).dtype).replace("torch.", ""),
                 "device": dev.type, "step": step}
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"

@@ -94,14 +94,15 @@ _ssd_warned = False
 
 
 def use_ssd_kernels(backend: str, tensor) -> bool:
-    """``use_kernels`` for Mamba-2 layers: the SSD Triton kernels and causal-conv1d. The import is
-    attempted only for CUDA tensors (or backend "kernel"), so CPU runs never load Triton."""
+    """``use_kernels`` for Mamba-2 layers: mamba-ssm's SSD Triton kernels. causal-conv1d is not needed
+    for them (as in mamba-ssm's own Mamba2, the conv then runs in torch: ``has_conv_kernel``). The
+    import is attempted only for CUDA tensors (or backend "kernel"), so CPU runs never load Triton."""
     global _ssd_warned
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not valid; choose one of {BACKENDS}")
     if backend == "torch" or (backend == "auto" and not tensor.is_cuda):
         return False
-    error = KERNEL_IMPORT_ERROR if causal_conv1d_fn is None else _ssd_kernels()[2]
+    error = _ssd_kernels()[2]
     if backend == "kernel":
         if error is not None:
             raise RuntimeError(f"backend='kernel' was requested but the Mamba-2 kernels are not importable "
@@ -114,3 +115,9 @@ def use_ssd_kernels(backend: str, tensor) -> bool:
         warnings.warn(f"Running the pure-PyTorch SSD scan on CUDA because the Mamba-2 kernels are not "
                       f"importable ({error}). For speed: {KERNEL_INSTALL_HINT}", stacklevel=3)
     return error is None
+
+
+def has_conv_kernel() -> bool:
+    """causal-conv1d importable: the Mamba-2 conv (and mamba-ssm's fused Mamba-2 kernel, which calls it) can
+    run on it; where it is not, the conv runs in torch beside the SSD kernels."""
+    return causal_conv1d_fn is not None

@@ -118,7 +118,7 @@ class Mamba2Mixer(nn.Module):
         decimates = decimation.decimates(self.layer_idx)
         if (self.use_mem_eff_path and cache is None and not record and not decimates
                 and self.conv_dim % 8 == 0 and hidden.shape[1] > 1       # the fused kernel's layout rules
-                and kernels.use_ssd_kernels(self.backend, hidden)
+                and kernels.has_conv_kernel() and kernels.use_ssd_kernels(self.backend, hidden)
                 and hidden.shape[0] * hidden.shape[1] * self.in_proj.out_features <= INT32_MAX):
             return self._fused(hidden), None, None      # (longer: int32 offsets; the segmented path below)
         x, dt, B, C, z = self.project(hidden, cache)                                        # steps 1-3a
@@ -153,7 +153,8 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt = torch.split(self.in_proj(hidden), [self.d_inner, self.conv_dim, self.nheads], dim=-1)  # 1
         xBC = xBC.transpose(1, 2)                                                           # (b, e + 2gn, l)
         xBC, prev = cache.extend_conv_input(xBC, self.d_conv) if cache is not None else (xBC, 0)
-        xk = conv_input(xBC) if kernels.use_ssd_kernels(self.backend, hidden) else None
+        use_conv = kernels.has_conv_kernel() and kernels.use_ssd_kernels(self.backend, hidden)
+        xk = conv_input(xBC) if use_conv else None
         if xk is not None:                                                                  # 2
             xBC = kernels.causal_conv1d_fn(xk, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                            activation="silu")[..., prev:]

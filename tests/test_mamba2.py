@@ -502,6 +502,52 @@ def test_conv_kernel_gets_only_layouts_causal_conv1d_accepts(monkeypatch):
     assert len(calls) == 1
 
 
+def test_ssd_kernels_serve_without_causal_conv1d(monkeypatch):
+    # mamba-ssm installed without causal-conv1d: the SSD kernel (a stand-in: the torch scan, recording
+    # its calls) runs the scan, the conv runs in torch, and the fused kernel (which calls causal-conv1d)
+    # is not chosen even on its mem-efficient path; the output equals the torch path's
+    from modules import kernels
+
+    calls = []
+
+    def fake_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
+                  dt_softplus=False, dt_limit=None, return_final_states=False):
+        calls.append(x.shape[1])
+        return ssd_scan_ref(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus,
+                            dt_limit, return_final_states)
+
+    def no_fused(*args, **kwargs):
+        raise AssertionError("the fused kernel needs causal-conv1d")
+
+    torch.manual_seed(0)
+    mixer = Mamba2Mixer(64, d_state=16, headdim=16, chunk_size=16, layer_idx=0, use_mem_eff_path=True)
+    hidden = torch.randn(2, 40, 64)
+    mixer.backend = "torch"
+    want = mixer(hidden)[0]
+    mixer.backend = "auto"
+    monkeypatch.setattr(kernels, "use_ssd_kernels", lambda backend, t: True)
+    monkeypatch.setattr(kernels, "causal_conv1d_fn", None)
+    monkeypatch.setattr(kernels, "mamba_chunk_scan_combined", fake_scan)
+    monkeypatch.setattr(kernels, "mamba_split_conv1d_scan_combined", no_fused)
+    torch.testing.assert_close(mixer(hidden)[0], want, rtol=1e-5, atol=1e-5)   # same fp32 ops, reordered
+    assert calls == [40]
+
+
+def test_ssd_kernels_do_not_need_causal_conv1d(monkeypatch):
+    import types
+
+    from modules import kernels
+
+    cuda_tensor = types.SimpleNamespace(is_cuda=True)
+    monkeypatch.setattr(kernels, "_ssd_warned", False)          # the fallback warns once per process
+    monkeypatch.setattr(kernels, "causal_conv1d_fn", None)
+    monkeypatch.setattr(kernels, "_ssd_kernels", lambda: (object(), object(), None))
+    assert kernels.use_ssd_kernels("auto", cuda_tensor) and not kernels.has_conv_kernel()
+    monkeypatch.setattr(kernels, "_ssd_kernels", lambda: (None, None, "ImportError: no mamba_ssm"))
+    with pytest.warns(UserWarning, match="pure-PyTorch SSD"):
+        assert not kernels.use_ssd_kernels("auto", cuda_tensor)
+
+
 def test_conv_input_follows_causal_conv1d_layout_rules(monkeypatch):
     from modules import ssd
 

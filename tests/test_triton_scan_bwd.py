@@ -178,3 +178,21 @@ def test_results_name_the_scan_that_ran(monkeypatch, backend, device, scan, kern
     monkeypatch.setenv("DECIMAMBA_SCAN", scan)
     monkeypatch.setattr(kmod, "HAS_KERNELS", kernels)
     assert resolved_backend(backend, device) == want
+
+
+@pytest.mark.parametrize("backend,device,ssd,conv,want", [
+    ("auto", "cuda", True, True, "kernel"),
+    ("auto", "cuda", True, False, "ssd_kernel"),      # mamba-ssm's SSD kernels, the conv in torch
+    ("auto", "cuda", False, True, "torch"),
+    ("auto", "cpu", True, True, "torch"),
+    ("torch", "cuda", True, True, "torch"),
+])
+def test_mamba2_results_name_the_kernels_that_ran(monkeypatch, backend, device, ssd, conv, want):
+    # Mamba-2 layers use mamba-ssm's SSD kernels (with or without causal-conv1d), not the Mamba-1 kernels
+    from engine.evaluate import resolved_backend
+    from modules import kernels as kmod
+
+    monkeypatch.setattr(kmod, "HAS_KERNELS", False)           # no Mamba-1 kernels: must not decide a Mamba-2 label
+    monkeypatch.setattr(kmod, "_ssd_kernels", lambda: (object(), object(), None) if ssd else (None, None, "ImportError"))
+    monkeypatch.setattr(kmod, "causal_conv1d_fn", object() if conv else None)
+    assert resolved_backend(backend, device, mamba2=True) == want
