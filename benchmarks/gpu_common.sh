@@ -4,12 +4,28 @@ latest() { ls -d "$1"/epoch_*_step_* 2>/dev/null | awk -F_ '{print $NF, $0}' | s
 # DECIMAMBA_SCAN=triton: the Mamba-1 scan runs in Triton, forward and backward (modules/triton_scan*.py), the conv
 # in torch: no compiled kernel is needed, so none is built; otherwise the kernels are mamba-ssm and causal-conv1d.
 triton_mode() { [ "${DECIMAMBA_SCAN:-}" = triton ]; }
+# SSD_FROM_SOURCE=1 (Mamba-2 models): mamba-ssm's SSD kernels are Triton, so its Python sources serve them with no
+# build (modules/kernels.py: they need no causal-conv1d; the conv runs in torch); Mamba-1 layers stay on torch.
+ssd_mode() { [ "${SSD_FROM_SOURCE:-}" = 1 ]; }
+SSD_SITE=/tmp/site_ssd
+ssd_site() {  # DEVICE_DIR: mamba-ssm's Python package into $SSD_SITE beside a stand-in selective_scan_cuda that
+  [ -d $SSD_SITE/mamba_ssm ] && return 0   # raises if called (nothing of Mamba-2 calls it; mamba_ssm imports it)
+  local w; w=$(mktemp -d /tmp/ms.XXXX); mkdir -p $SSD_SITE
+  tar xzf "$1"/mamba_ssm-2.3.2.post1.tar.gz -C $w && cp -r $w/mamba_ssm-2.3.2.post1/mamba_ssm $SSD_SITE/ || return 1
+  printf 'def __getattr__(name):\n    raise RuntimeError("selective_scan_cuda is not built here (Mamba-2 SSD kernels only)")\n' \
+    > $SSD_SITE/selective_scan_cuda.py
+}
 have_kernels() {
-  if triton_mode; then python3 -c 'import triton' 2>/dev/null
+  if ssd_mode; then python3 -c 'from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined' 2>/dev/null
+  elif triton_mode; then python3 -c 'import triton' 2>/dev/null
   else python3 -c 'import torch, selective_scan_cuda, causal_conv1d_cuda' 2>/dev/null; fi
 }
 build_bg() {  # DEVICE_DIR LOG: the kernel build (../shared/device/build_kernels.sh) in the background, pid BUILD.
-  BUILD=""    # Under DECIMAMBA_SCAN=triton the Triton scan's GPU tests run first (about a minute): passed, nothing
+  BUILD=""    # Under SSD_FROM_SOURCE=1: mamba-ssm's sources on PYTHONPATH, nothing built (seconds).
+  if ssd_mode; then
+    ssd_site "$1" >> "$2" 2>&1 && export PYTHONPATH=$SSD_SITE${PYTHONPATH:+:$PYTHONPATH} &&
+      echo "SSD_FROM_SOURCE=1: mamba-ssm's Python sources in $SSD_SITE at $(el) s; no kernel build" >> "$2"; return
+  fi          # Under DECIMAMBA_SCAN=triton the Triton scan's GPU tests run first (about a minute): passed, nothing
   if triton_mode; then   # is built (BUILD stays empty); failed, the kernels are built and mamba-ssm's scan serves
     if python3 -m pytest -q -x -m gpu tests/test_triton_scan_bwd.py > "$2" 2>&1; then
       echo "DECIMAMBA_SCAN=triton: its GPU tests passed at $(el) s; no kernel build" >> "$2"

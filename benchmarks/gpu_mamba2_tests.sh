@@ -4,18 +4,16 @@
 # Python sources on the path with a stand-in `selective_scan_cuda` module that raises if anything calls it (the
 # Mamba-2 tests never do; a Mamba-1 test would fail loudly, not pass).
 #   bash benchmarks/gpu_mamba2_tests.sh END_S      carried: .device/ (the two source archives)
+#   SSD_FROM_SOURCE=1 bash benchmarks/gpu_mamba2_tests.sh END_S   no build: the SSD kernels with the conv in torch
 # The build takes 380 s (measured); the tests about 300 s more: run it twice on the warm machine (the second call
 # finds the build and runs the tests alone). Back in $OUT: test_gpu_mamba2_h200.log (pytest -v, build, GPU).
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"; LOG=$OUT/test_gpu_mamba2_h200.log; END=${1:-450}
 . "$(dirname "$0")/gpu_common.sh"   # el
-SITE=/tmp/site_m2; mkdir -p $SITE
+SITE=/tmp/site_m2; mkdir -p $SITE; ssd_site .device || { echo "no mamba-ssm sources in .device" | tee $LOG; exit 1; }
 build() {
   local w; w=$(mktemp -d /tmp/m2.XXXX)
-  tar xzf .device/causal_conv1d-1.7.0.tar.gz -C $w && tar xzf .device/mamba_ssm-2.3.2.post1.tar.gz -C $w || return 1
-  cp -r $w/mamba_ssm-2.3.2.post1/mamba_ssm $SITE/
-  printf 'def __getattr__(name):\n    raise RuntimeError("selective_scan_cuda is not built in this run (Mamba-2 tests only)")\n' \
-    > $SITE/selective_scan_cuda.py
+  tar xzf .device/causal_conv1d-1.7.0.tar.gz -C $w || return 1
   python3 - $w/causal_conv1d-1.7.0/setup.py <<'PY'   # keep only sm_90 (as ../shared/device/build_kernels.sh)
 import re, sys
 p = sys.argv[1]; s = open(p).read()
@@ -26,13 +24,15 @@ PY
     --no-deps -w $w/wh . > $w/build.log 2>&1) || { tail -20 $w/build.log; return 1; }
   python3 -m pip install -q --no-index --no-deps --target $SITE $w/wh/*.whl
 }
-if PYTHONPATH=$SITE python3 -c 'import torch, causal_conv1d_cuda, selective_scan_cuda' 2>/dev/null; then
+if ssd_mode; then
+  echo "SSD_FROM_SOURCE=1: no causal-conv1d build; the SSD kernels with the conv in torch" | tee $LOG
+elif PYTHONPATH=$SITE python3 -c 'import torch, causal_conv1d_cuda' 2>/dev/null; then
   echo "causal-conv1d already built in $SITE (a later call on the warm machine)" | tee $LOG
 else
   build >> $LOG 2>&1 || { echo "the build failed (above)" >> $LOG; exit 1; }
   echo "causal-conv1d built in $(el) s (sm_90); mamba-ssm 2.3.2.post1 Python sources, selective_scan_cuda stand-in" | tee -a $LOG
 fi
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >> $LOG
-export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=$SITE:$SSD_SITE:$PWD PYTHONUNBUFFERED=1
 T=$(( END - $(el) )); [ $T -ge 30 ] || { echo "$T s left of END_S=$END: no time for the tests" | tee -a $LOG; exit 1; }
 timeout $T python3 -m pytest -v -rs tests/test_gpu_mamba2.py >> $LOG 2>&1; echo "pytest rc $? at $(el) s" >> $LOG

@@ -5,7 +5,8 @@
 #                                                     on the kernels (SIGTERM -> checkpoint -> --resume) until END_S
 #   bash benchmarks/gpu_repro.sh more END_S          later calls: tokenize newly carried parts, resume pretraining
 #   then benchmarks/gpu_passkey.sh (the passkey fine-tunes and grids from the weights this script brings back)
-# PRETRAIN_SET='--set key=value ...' changes the pretraining config (a new run only), e.g. a larger d_state;
+# PRETRAIN_SET='--set key=value ...' changes the pretraining config (a new run only), e.g. a larger d_state or a
+# Mamba-2 model (with SSD_FROM_SOURCE=1: mamba-ssm's SSD kernels from its sources, no build; gpu_common.sh);
 # PRETRAIN_NAME=NAME names the run (/tmp/runs/NAME, default pretrain); MEAN_DISTANCE=1 also writes the Mamba
 # Mean Distance per layer of the shipped checkpoint (tools/mean_distance.py) to /tmp/runs/NAME_<checkpoint>_mean_distance.json.
 # Every call brings back the latest pretrained weights (bf16, A_log/D fp32) in <= 15 MiB parts, NAME.tar.part_*, and a
@@ -68,7 +69,7 @@ case $STAGE in
     tokenize; echo "tokenized at $(el) s" >> "$L/tokenize.log"
     train
     wait_until $(( END - 60 )) $BUILD
-    if ! triton_mode && have_kernels && kill -0 $TRAIN 2>/dev/null; then stop_train; train; fi
+    if ! triton_mode && ! ssd_mode && have_kernels && kill -0 $TRAIN 2>/dev/null; then stop_train; train; fi
     while kill -0 $TRAIN 2>/dev/null && [ $(el) -lt $(( END - 40 - MDT )) ]; do sleep 5; done
     stop_train; ship ;;
   more)
