@@ -15,16 +15,19 @@ ssd_site() {  # DEVICE_DIR: mamba-ssm's Python package into $SSD_SITE beside a s
   printf 'def __getattr__(name):\n    raise RuntimeError("selective_scan_cuda is not built here (Mamba-2 SSD kernels only)")\n' \
     > $SSD_SITE/selective_scan_cuda.py
 }
+if ssd_mode; then ssd_site .device || echo "SSD_FROM_SOURCE=1: .device/ holds no mamba-ssm sources" >&2; fi
+ssd_path() { ssd_mode && echo ":$SSD_SITE"; }   # appended to the scripts' PYTHONPATH (after /tmp/site's real kernels)
 have_kernels() {
-  if ssd_mode; then python3 -c 'from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined' 2>/dev/null
+  if ssd_mode; then PYTHONPATH=${PYTHONPATH:-}:$SSD_SITE python3 -c \
+      'from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined' 2>/dev/null
   elif triton_mode; then python3 -c 'import triton' 2>/dev/null
   else python3 -c 'import torch, selective_scan_cuda, causal_conv1d_cuda' 2>/dev/null; fi
 }
 build_bg() {  # DEVICE_DIR LOG: the kernel build (../shared/device/build_kernels.sh) in the background, pid BUILD.
   BUILD=""    # Under SSD_FROM_SOURCE=1: mamba-ssm's sources on PYTHONPATH, nothing built (seconds).
   if ssd_mode; then
-    ssd_site "$1" >> "$2" 2>&1 && export PYTHONPATH=$SSD_SITE${PYTHONPATH:+:$PYTHONPATH} &&
-      echo "SSD_FROM_SOURCE=1: mamba-ssm's Python sources in $SSD_SITE at $(el) s; no kernel build" >> "$2"; return
+    echo "SSD_FROM_SOURCE=1: mamba-ssm's Python sources in $SSD_SITE ($(have_kernels && echo importable ||
+      echo 'NOT importable')); no kernel build" >> "$2"; return
   fi          # Under DECIMAMBA_SCAN=triton the Triton scan's GPU tests run first (about a minute): passed, nothing
   if triton_mode; then   # is built (BUILD stays empty); failed, the kernels are built and mamba-ssm's scan serves
     if python3 -m pytest -q -x -m gpu tests/test_triton_scan_bwd.py > "$2" 2>&1; then

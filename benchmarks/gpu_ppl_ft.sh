@@ -26,7 +26,7 @@ OUT=${OUT:-gpu_out}; mkdir -p "$OUT/logs"; OUT=$(cd "$OUT" && pwd); L=$OUT/logs
 STAGE=${1:-}; END=${2:-560}; STEPS=${PPL_FT_STEPS:-400}
 case $STAGE in prep|ft) ;; *) echo "usage: gpu_ppl_ft.sh prep|ft END_S (got '$STAGE')"; exit 2;; esac
 . "$(dirname "$0")/gpu_common.sh"   # el, latest, have_kernels, alive, wait_until, stop_all
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2 PYTHONPATH=/tmp/site:$PWD
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2 PYTHONPATH=/tmp/site:$PWD$(ssd_path)
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 [ -n "${DECIMAMBA_COMMIT:-}" ] || echo "warning: DECIMAMBA_COMMIT is not set: records will name the copy's stale .git" | tee -a "$L/commands.txt"
 CORPUS=/tmp/lm_corpus; RUNS=/tmp/runs; PG=/tmp/pg19_ft; W0=/tmp/pretrained_ppl; mkdir -p $RUNS $CORPUS

@@ -21,7 +21,7 @@ STAGE=$1; END=${2:-560}
 . "$(dirname "$0")/gpu_common.sh"   # el, latest, have_kernels
 MDT=0; [ "${MEAN_DISTANCE:-0}" = 1 ] && MDT=60   # seconds kept for the Mean Distance at the end
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true
-export PYTHONPATH=/tmp/site:$PWD/.snap
+export PYTHONPATH=/tmp/site:$PWD/.snap$(ssd_path)
 ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl
 read -ra EXTRA <<< "${PRETRAIN_SET:-}"   # words of PRETRAIN_SET, not glob-expanded
 ROOT=$PWD; CORPUS=/tmp/lm_corpus; RUNS=/tmp/runs; NAME=${PRETRAIN_NAME:-pretrain}; RUN=$RUNS/$NAME; mkdir -p $CORPUS $RUNS
