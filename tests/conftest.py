@@ -18,6 +18,17 @@ requires_kernels = pytest.mark.skipif(not (HAS_KERNELS and torch.cuda.is_availab
                                       reason="needs CUDA and the mamba-ssm / causal-conv1d kernels")
 
 
+def _ssd_kernels_importable() -> bool:
+    if not torch.cuda.is_available():       # CPU runs never import mamba-ssm's Triton kernels
+        return False
+    from modules.kernels import _ssd_kernels
+    return _ssd_kernels()[2] is None
+
+
+requires_ssd_kernels = pytest.mark.skipif(not _ssd_kernels_importable(),
+                                          reason="needs CUDA and mamba-ssm's SSD kernels (causal-conv1d optional)")
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_reset():
     torch.manual_seed(0)

@@ -1,6 +1,7 @@
 """Mamba-2 on the GPU: mamba-ssm's SSD kernels (Triton) against our torch path, fp32 and bf16,
 forward and backward, with initial states, up to 1M tokens (where the kernels' int32 offsets
-need the segmented dispatch), generation and streamed prefill. Skipped without CUDA and the kernels.
+need the segmented dispatch), generation and streamed prefill. Skipped without CUDA and the SSD kernels;
+with causal-conv1d its conv runs too, without it the conv is torch's (gpu_mamba2_tests.sh's log says which).
 
 Tolerances: mamba-ssm's SSD kernels multiply fp32 inputs in TF32 (Triton's default for tl.dot:
 10-bit mantissa, unit roundoff 4.9e-4, fp32 accumulation), so "fp32" kernel results differ from
@@ -13,7 +14,7 @@ import torch
 from models import DecimatingMambaModel, MambaConfig
 from models.streaming import streaming_prefill
 from modules.ssd import ssd_scan
-from tests.conftest import requires_kernels
+from tests.conftest import requires_ssd_kernels
 from tests.helpers import GRADS_BF16, LOGITS_BF16, fwd_bwd, over_budget, prompt_positions, rel_err
 
 pytestmark = pytest.mark.gpu
@@ -45,7 +46,7 @@ def _scan_inputs(length, nheads=8, headdim=64, ngroups=2, dstate=128, bsz=2):
                 dt_bias=r(nheads), h0=r(bsz, nheads, headdim, dstate))
 
 
-@requires_kernels
+@requires_ssd_kernels
 @pytest.mark.parametrize("with_h0", [False, True], ids=["zero-state", "initial-state"])
 def test_ssd_kernel_equals_torch_scan(with_h0):
     t = {k: v.requires_grad_() for k, v in _scan_inputs(4099).items()}     # 4099: not a multiple of 256
@@ -63,7 +64,7 @@ def test_ssd_kernel_equals_torch_scan(with_h0):
         assert rel_err(a, b) < GRADS, name
 
 
-@requires_kernels
+@requires_ssd_kernels
 @pytest.mark.parametrize("deci", [None, DECI], ids=["vanilla", "deci"])
 def test_model_kernel_equals_torch_fp32(deci):
     model = _model(deci=deci)
@@ -78,7 +79,7 @@ def test_model_kernel_equals_torch_fp32(deci):
     assert worst[0] < GRADS, worst
 
 
-@requires_kernels
+@requires_ssd_kernels
 @pytest.mark.parametrize("deci", [None, {**DECI, "decimating_layers": [1]}], ids=["vanilla", "deci"])
 def test_model_kernel_equals_torch_bf16_autocast(deci):
     model = _model(deci=deci)
@@ -96,7 +97,7 @@ def test_model_kernel_equals_torch_bf16_autocast(deci):
         assert not bad, (n, bad)
 
 
-@requires_kernels
+@requires_ssd_kernels
 @pytest.mark.parametrize("length", [131_072, 1_048_576], ids=["128K", "1M"])
 def test_long_sequences_kernel_equals_torch(length):
     model = _model(d_model=128, n_layer=2, deci={**DECI, "decimating_layers": [1], "L_base": 2000})
@@ -110,7 +111,7 @@ def test_long_sequences_kernel_equals_torch(length):
     assert worst[0] < GRADS, worst
 
 
-@requires_kernels
+@requires_ssd_kernels
 def test_130m_width_at_1m_tokens_passes_int32_offsets_on_the_kernel():
     # in_proj rows of the mamba2-130m shape (3352) × 1M tokens > 2³¹: the fused kernel would index
     # out of bounds; the mixer takes the unfused path and ssd_scan splits the scan into segments.
@@ -125,7 +126,7 @@ def test_130m_width_at_1m_tokens_passes_int32_offsets_on_the_kernel():
     assert rel_err(a.logits, b.logits) < VALUES
 
 
-@requires_kernels
+@requires_ssd_kernels
 def test_generation_and_streamed_prefill_kernel_equal_torch():
     model = _model(deci={**DECI, "decimating_layers": [1], "L_base": 500})
     ids = torch.randint(0, 1000, (1, 20_000), device="cuda")
