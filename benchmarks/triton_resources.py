@@ -38,7 +38,7 @@ from modules import triton_correction, triton_scan, triton_scan_bwd  # noqa: E40
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 COLS = ["launch", "kernel", "num_warps", "registers", "stack_bytes", "spill_instructions", "mufu", "sass_instructions",
-        "resident_warps_per_sm"]
+        "loop_instructions", "loop_mufu", "resident_warps_per_sm"]
 KERNEL_NAMES = {triton_scan: ("_scan_kernel", "_carry_kernel"),
                 triton_scan_bwd: ("_states_kernel", "_adjoint_kernel", "_reverse_kernel", "_carry_kernel"),
                 triton_correction: ("_segment_sums", "_correction")}
@@ -106,8 +106,29 @@ def resources(kernel, num_warps: int) -> dict:
     field = {k: int(v) for k, v in re.findall(r"(REG|STACK):(\d+)", usage)}
     ops = Counter(m.split(".")[0] for m in re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass))
     warps = 65536 // (32 * max(field["REG"], 1)) // num_warps * num_warps
+    loop, loop_mufu = longest_loop(sass)
     return dict(registers=field["REG"], stack_bytes=field["STACK"], spill_instructions=ops["STL"] + ops["LDL"],
-                mufu=ops["MUFU"], sass_instructions=sum(ops.values()), resident_warps_per_sm=min(64, warps))
+                mufu=ops["MUFU"], sass_instructions=sum(ops.values()), loop_instructions=loop, loop_mufu=loop_mufu,
+                resident_warps_per_sm=min(64, warps))
+
+
+def longest_loop(sass: str) -> tuple[int, int]:
+    """(instructions, MUFU among them) of the longest loop body in an nvdisasm listing: from a label to a
+    branch back to it (a kernel's walk over tokens: per tile of U tokens in the forward, per token elsewhere)."""
+    labels, body, best = {}, [], (0, 0)
+    for line in sass.splitlines():
+        m = re.match(r"\s*\.L_x_(\d+):", line)
+        if m:
+            labels[m.group(1)] = len(body)
+        op = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+        if not op:
+            continue
+        body.append(op.group(1).split(".")[0])
+        back = re.search(r"BRA\s+`\(\.L_x_(\d+)\)", line)
+        if back and labels.get(back.group(1), len(body)) < len(body) - 1:
+            span = body[labels[back.group(1)]:]
+            best = max(best, (len(span), span.count("MUFU")))
+    return best
 
 
 def _model_inputs(b, d, length, n=16, dt_rank=48, dtype=torch.bfloat16):
@@ -171,7 +192,9 @@ def main():
     notes = (f"Compiled by Triton {triton.__version__} for GPUTarget('cuda', 90, 32) (the H200) on a machine without "
              "a GPU, each launch specialised as Triton's JIT does. registers and stack_bytes: cuobjdump "
              "--dump-resource-usage; spill_instructions (STL + LDL), mufu (special-function instructions) and "
-             "sass_instructions: counted in nvdisasm's listing of the whole kernel (not per step). "
+             "sass_instructions: counted in nvdisasm's listing of the whole kernel; loop_instructions, loop_mufu: "
+             "its longest loop body (per tile of 8 bf16 / 4 fp32 tokens in the forward's passes, per token in "
+             "the backward's), what one warp issues per iteration. "
              "resident_warps_per_sm: 65,536 registers / (32 x registers), whole programs, at most 64. The GPU "
              "machine's Triton (3.6) may allocate registers differently.")
     write_results(args.out, rows, COLS, "Triton kernels compiled for sm_90: registers, spills, occupancy", notes)
