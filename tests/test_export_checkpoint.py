@@ -120,3 +120,16 @@ def test_bad_dtype_is_one_line(tmp_path, capsys):
         export([str(tmp_path), str(tmp_path / "d"), "--dtype", "int8"])
     assert exc.value.code == 2
     one_line_stderr(capsys, "error:", "--dtype", "int8", "bfloat16")
+
+
+def test_mamba2_keeps_its_decay_and_step_bias_in_fp32(tmp_path, capsys):
+    # Mamba-2's Δ bias is dt_bias (Mamba-1's dt_proj.bias): A_log, D and dt_bias stay float32, the rest bf16
+    model = randomize(MambaLMHeadModel(tiny_config(n_layer=2, d_model=32, ssm_cfg={"layer": "Mamba2", "d_state": 16,
+                                                                                   "headdim": 16})), seed=5)
+    model.save_pretrained(str(tmp_path / "m2"))
+    assert export([str(tmp_path / "m2"), str(tmp_path / "out")]) == 0
+    state, out = model.state_dict(), load_file(tmp_path / "out" / "model.safetensors")
+    assert {k.rsplit(".", 1)[1] for k in out if k.startswith("backbone.layers.0.mixer.")} >= {"A_log", "D", "dt_bias"}
+    for k, v in out.items():
+        want = state[k] if k.rsplit(".", 1)[1] in ("A_log", "D", "dt_bias") else state[k].to(torch.bfloat16)
+        assert v.dtype == want.dtype and torch.equal(v, want), k

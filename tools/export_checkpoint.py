@@ -2,8 +2,8 @@
 
     python tools/export_checkpoint.py SRC_DIR DEST_DIR [--dtype bfloat16] [--overwrite]
 
-A_log, D and dt_proj.bias stay float32, as in upstream mamba-ssm (they set the SSM's decay and
-step size, where bf16 rounding changes the dynamics); every other weight gets --dtype. The result
+A_log, D and Δ's bias (Mamba-1 dt_proj.bias, Mamba-2 dt_bias) stay float32, as in upstream mamba-ssm (they
+set the SSM's decay and step size, where bf16 rounding changes the dynamics); every other weight gets --dtype. The result
 loads with from_pretrained like any checkpoint.
 
 DEST_DIR must be new or empty. --overwrite replaces a checkpoint folder: the export's config.json
@@ -27,9 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from engine.checkpoint import LEGACY_STATE, RUN_CONFIG, STATE_INDEX, STATE_TENSORS  # noqa: E402
 from engine.errors import DiskFullError, fsync_dir, is_disk_full  # noqa: E402
 from models import MambaLMHeadModel  # noqa: E402
+from models.mamba_lm import KEEP_FP32  # noqa: E402  (the names from_pretrained keeps in fp32: one list)
 from tools.cli import OneLineParser, run_cli  # noqa: E402
 
-KEEP_FP32 = (".A_log", ".D", ".dt_proj.bias")
 # files of a checkpoint (what from_pretrained, the tools and --resume read), replaced by an --overwrite export
 CHECKPOINT_NAMES = {"config.json", "tokenizer.json", RUN_CONFIG, STATE_INDEX, STATE_TENSORS, LEGACY_STATE}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json", ".pt")
@@ -38,7 +38,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json", ".pt")
 def cast_for_export(model, dtype: torch.dtype) -> None:
     """Cast ``model``'s parameters to ``dtype`` in place, except KEEP_FP32 (float32)."""
     for name, p in model.named_parameters():          # a tied weight appears once
-        p.data = p.data.to(torch.float32 if name.endswith(KEEP_FP32) else dtype)
+        fp32 = any(name == k or name.endswith("." + k) for k in KEEP_FP32)
+        p.data = p.data.to(torch.float32 if fp32 else dtype)
 
 
 def kept_files(src: str, dest: str, overwrite: bool) -> list[str]:
@@ -123,7 +124,7 @@ def run(args, argv) -> int:
     write_export(model, args.dest, keep)
     size = os.path.getsize(os.path.join(args.dest, "model.safetensors")) / 2**20
     print(f"{args.dest}: {model.num_parameters() / 1e6:.2f}M parameters, {size:.1f} MiB "
-          f"({args.dtype}; A_log, D, dt_proj.bias float32)" + (f"; kept {', '.join(keep)}" if keep else ""))
+          f"({args.dtype}; {', '.join(KEEP_FP32)} float32)" + (f"; kept {', '.join(keep)}" if keep else ""))
     return 0
 
 
