@@ -64,6 +64,15 @@ def read_json(path: str, what: str):
         raise BadFileError(f"{path}: not valid JSON here (nested too deeply to read); {what}") from None
 
 
+def discard_partial(tmp: str, path: str, exc: BaseException, what_now: str) -> None:
+    """After a failed write of ``path`` through ``tmp``: remove the temp file; a full disk becomes
+    DiskFullError(path, what_now). The caller re-raises any other error."""
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    if is_disk_full(exc):
+        raise DiskFullError(path, what_now) from exc
+
+
 def fsync_dir(directory: str) -> None:
     """Make a rename or new file in ``directory`` durable (no-op where directories cannot be opened)."""
     if os.name == "nt":

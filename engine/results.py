@@ -60,7 +60,7 @@ def write_json_atomic(path: str, obj) -> None:
     """Write ``obj`` as JSON to ``path`` through ``path.tmp``: written, fsynced, renamed, directory
     fsynced; a failed write removes the temp file and keeps the previous ``path``. A full disk
     raises DiskFullError ("no space left on device: PATH ...")."""
-    from engine.errors import DiskFullError, fsync_dir, is_disk_full
+    from engine.errors import discard_partial, fsync_dir
 
     data = memoryview(json.dumps(obj, indent=2).encode("utf-8"))   # before any file is touched
     tmp = path + ".tmp"
@@ -74,10 +74,7 @@ def write_json_atomic(path: str, obj) -> None:
             os.close(fd)
         os.replace(tmp, path)
     except BaseException as exc:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if is_disk_full(exc):
-            raise DiskFullError(path, "not written; the previous version, if any, is kept") from exc
+        discard_partial(tmp, path, exc, "not written; the previous version, if any, is kept")
         raise
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 

@@ -9,7 +9,7 @@ import tempfile
 
 import torch
 
-from engine.errors import DiskFullError, cli_main, fsync_dir, is_disk_full
+from engine.errors import cli_main, discard_partial, fsync_dir
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -86,10 +86,7 @@ def write_new_file(path: str, text: str, overwrite: bool) -> None:
         raise FileExistsError(f"--out {path} was created by something else during this run and is kept; "
                               f"this run's result is in {tmp}") from None
     except BaseException as exc:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if is_disk_full(exc):
-            raise DiskFullError(path, "not written; free some space and run again") from exc
+        discard_partial(tmp, path, exc, "not written; free some space and run again")
         raise
     fsync_dir(folder)
     print(f"wrote {path}")
