@@ -26,8 +26,7 @@
 #   calls); MAX_STEP=N another schedule length (resume-safe: the cosine re-plans from the resumed step);
 #   PREFILL_CHUNK=N streams grid prompts in N-token chunks (only if the grids run out of memory; it is in the
 #   cells' identity, so keep it the same across calls); SHIP_WEIGHTS=1 also brings back each arm's latest
-#   weights (tools/export_checkpoint.py, bf16; m2_<arm>.tar.part_*, 15 MiB parts; its fp32 list names Mamba-1's
-#   dt_proj.bias, so Mamba-2's dt_bias goes bf16 too: a lead for a later CPU look, not the gridded model);
+#   weights (tools/export_checkpoint.py, bf16 but A_log, D, dt_bias fp32; m2_<arm>.tar.part_*, 15 MiB parts);
 #   M2PK_SMOKE=1: see below.
 #
 # Carried: .whl/ only, holding the nltk wheel (/work/main/.whl/nltk-3.10.4-py3-none-any.whl): the passkey task
@@ -35,9 +34,10 @@
 # nltk (its regex, click, joblib, tqdm are there). The haystack text itself needs no carried data: it is
 # WikiText-2 raw validation (training) and test (evaluation), read by custom_datasets/sources.py from the
 # tracked data/wikitext-2-raw/ (the GPT-NeoX tokenizer is tracked too, data/gpt-neox-20b/), so it travels with
-# the tree, as for gpu_passkey.sh. No kernel build, no .device/: both arms train and evaluate on the pure-PyTorch
-# Mamba-2 path (backend torch: modules/ssd.py's chunked SSD scan, cuDNN's depthwise conv); the Mamba-2 kernels
-# would need mamba-ssm and causal-conv1d built (~380 s of a call). The device receives the session's own
+# the tree, as for gpu_passkey.sh. No kernel build: both arms train and evaluate on the pure-PyTorch Mamba-2 path
+# (backend torch: modules/ssd.py's chunked SSD scan, cuDNN's depthwise conv), or, with SSD_FROM_SOURCE=1 and .device/
+# carried, on mamba-ssm's SSD Triton kernels from its Python sources (backend ssd_kernel; gpu_common.sh), still
+# with nothing built (causal-conv1d, which the fused kernel needs, would take ~380 s). The device receives the session's own
 # checkout (/work/main), not a helper's worktree: merge branch mamba2_passkey there before calling.
 # Runs stay in /tmp/runs between calls (the names m2_*, m2g_*; gpu_passkey.sh's runs there are left alone).
 # Back in $OUT: logs.tgz = logs/ with commands.txt (every command with its time, training progress and a
@@ -92,7 +92,7 @@ else DEV=0; python3 -c 'import sys, torch; sys.exit(not torch.cuda.is_available(
   { echo "gpu_mamba2_passkey.sh: no CUDA here (torch missing or no GPU): it runs on the lent H200 only"; exit 1; }
 fi
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT/logs"; OUT=$(cd "$OUT" && pwd); L=$OUT/logs; C=$L/commands.txt
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2 PYTHONPATH=/tmp/site:$PWD
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2 PYTHONPATH=/tmp/site:$PWD$(ssd_path)
 [ -n "${DECIMAMBA_COMMIT:-}" ] ||
   echo "warning: DECIMAMBA_COMMIT is not set: records will name the copy's stale .git" | tee -a "$C"
 ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl
