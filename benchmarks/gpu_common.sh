@@ -17,6 +17,9 @@ ssd_site() {  # DEVICE_DIR: mamba-ssm's Python package into $SSD_SITE beside a s
 }
 if ssd_mode; then ssd_site .device || echo "SSD_FROM_SOURCE=1: .device/ holds no mamba-ssm sources" >&2; fi
 ssd_path() { ssd_mode && echo ":$SSD_SITE"; }   # appended to the scripts' PYTHONPATH (after /tmp/site's real kernels)
+is_mamba2() {  # CHECKPOINT_DIR: its config.json describes a Mamba-2 model (what SSD_FROM_SOURCE=1 serves)
+  python3 -c 'import json, sys; sys.exit(json.load(open(sys.argv[1])).get("ssm_cfg", {}).get("layer") != "Mamba2")' "$1/config.json" 2>/dev/null
+}
 have_kernels() {
   if ssd_mode; then PYTHONPATH=${PYTHONPATH:-}:$SSD_SITE python3 -c \
       'from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined' 2>/dev/null
@@ -34,7 +37,7 @@ build_bg() {  # DEVICE_DIR LOG: the kernel build (../shared/device/build_kernels
       echo "DECIMAMBA_SCAN=triton: its GPU tests passed at $(el) s; no kernel build" >> "$2"
       if [ -n "${SCAN_BENCH:-}" ]; then   # SCAN_BENCH=1: its training-step speed first (about 40 s), into the log's folder
         python3 benchmarks/bench_scan_bwd.py --max-seconds 40 --out "$(dirname "$2")/scan_bwd_h200" >> "$2" 2>&1
-        echo "bench_scan_bwd ended at $(el) s (exit $?)" >> "$2"
+        local rc=$?; echo "bench_scan_bwd ended at $(el) s (exit $rc)" >> "$2"
       fi
       return
     fi

@@ -92,6 +92,7 @@ else DEV=0; python3 -c 'import sys, torch; sys.exit(not torch.cuda.is_available(
   { echo "gpu_mamba2_passkey.sh: no CUDA here (torch missing or no GPU): it runs on the lent H200 only"; exit 1; }
 fi
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT/logs"; OUT=$(cd "$OUT" && pwd); L=$OUT/logs; C=$L/commands.txt
+BACKEND=torch; ssd_mode && BACKEND=auto   # auto: mamba-ssm's SSD kernels (sources on PYTHONPATH); a resumed arm keeps its own
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2 PYTHONPATH=/tmp/site:$PWD$(ssd_path)
 [ -n "${DECIMAMBA_COMMIT:-}" ] ||
   echo "warning: DECIMAMBA_COMMIT is not set: records will name the copy's stale .git" | tee -a "$C"
@@ -155,7 +156,7 @@ train_all() {  # SECONDS: start or resume every unfinished arm, each stopping it
     if [ -n "$(latest "$RUNS/$n")" ]; then
       args=(--resume "$RUNS/$n" --set max_train_seconds=$1 ${MAX_STEP:+--set max_step=$MAX_STEP})
     else rm -rf "$RUNS/$n"
-      args=(--config $CFG --run-name $n --set output_dir="$RUNS" --set backend=torch $(arch_args $arch)
+      args=(--config $CFG --run-name $n --set output_dir="$RUNS" --set backend=$BACKEND $(arch_args $arch)
             --set max_train_seconds=$1 ${MAX_STEP:+--set max_step=$MAX_STEP} "${SMOKE_T[@]}"); fi
     echo "$(el) s: finetune_ssm.py ${args[*]} --device $DEV" >> "$C"
     python3 finetune_ssm.py "${args[@]}" --device $DEV >> "$L/$n.log" 2>&1 & TP="$TP $!"; done
@@ -166,7 +167,7 @@ grid() {  # NAME RUN ARCH: 5 depths x 5 samples x LENS of RUN's latest checkpoin
   [ -n "$w" ] || { echo "$(el) s: $n: no checkpoint of $RUNS/$2" >> "$C"; return; }
   n=${n}_$(basename "$w")   # one folder per checkpoint: finetune_ssm.py refuses other settings in a run's folder
   args=(--config $CFG --run-name $n --set eval_mode=true --set output_dir="$RUNS" --set load_cp="$w"
-        --set scratch_model_config=null --set backend=torch --set niah_samples_per_cell=5
+        --set scratch_model_config=null --set backend=$BACKEND --set niah_samples_per_cell=5
         --set "niah_context_lens_eval=$LENS" --set eval_batch_tokens=524288
         ${PREFILL_CHUNK:+--set eval_prefill_chunk_size=$PREFILL_CHUNK} $(arch_args $arch) "${SMOKE_G[@]}")
   echo "$(el) s: finetune_ssm.py ${args[*]} --device $DEV" >> "$C"

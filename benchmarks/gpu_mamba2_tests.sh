@@ -33,6 +33,7 @@ else
   echo "causal-conv1d built in $(el) s (sm_90); mamba-ssm 2.3.2.post1 Python sources, selective_scan_cuda stand-in" | tee -a $LOG
 fi
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >> $LOG
-export PYTHONPATH=$SITE:$SSD_SITE:$PWD PYTHONUNBUFFERED=1
+if ssd_mode; then export PYTHONPATH=$SSD_SITE:$PWD; else export PYTHONPATH=$SITE:$SSD_SITE:$PWD; fi   # SSD alone: no
+export PYTHONUNBUFFERED=1                                                                          # causal-conv1d
 T=$(( END - $(el) )); [ $T -ge 30 ] || { echo "$T s left of END_S=$END: no time for the tests" | tee -a $LOG; exit 1; }
 timeout $T python3 -m pytest -v -rs tests/test_gpu_mamba2.py >> $LOG 2>&1; echo "pytest rc $? at $(el) s" >> $LOG

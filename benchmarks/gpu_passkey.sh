@@ -72,6 +72,9 @@ take_pretrained() {  # PRETRAINED: a folder, a run name in $RUNS (its latest che
   if [ -d "$RUNS/$P" ]; then P=$(latest "$RUNS/$P"); [ -n "$P" ] || { echo "run $RUNS/$PRETRAINED has no checkpoint"; exit 1; }; fi
   [ -f "$P/model.safetensors" ] || { echo "no pretrained weights at '$P'"; exit 1; }
   rm -rf $W0; mkdir -p $W0 && cp "$P"/config.json "$P"/model.safetensors $W0/ && echo "pretrained: $P" >> "$L/commands.txt"
+  if ssd_mode && ! is_mamba2 $W0; then   # else a Mamba-1 model would run on the torch path, "kernels" or not
+    echo "SSD_FROM_SOURCE=1 serves Mamba-2 models; $P is Mamba-1: run without it" | tee -a "$L/commands.txt"; exit 1
+  fi
 }
 ppl_by_length() {  # NAME ARCH_ARGS...: perplexity of $W0 on the validation books (5 windows per book), background (GP)
   local n=$1; shift
@@ -88,7 +91,7 @@ case $STAGE in
     build_bg "$ROOT"/.device "$L/build.log"
     ft_all $ARMS2K
     wait_until $(( END - 60 )) $BUILD
-    if triton_mode; then :                     # already on the Triton scan: no restart
+    if triton_mode || ssd_mode; then :         # already on the Triton scan / the SSD kernels: no restart
     elif have_kernels; then ft_stop; echo "resume on the kernels at $(el) s" >> "$L/commands.txt"; ft_all $ARMS2K
     else echo "the kernels did not build by $(el) s (build.log): the next call must build them again" >> "$L/commands.txt"; fi
     wait_until $(( END - 40 )) $FTP; ft_stop; [ -n "$BUILD" ] && { pkill -P $BUILD; kill $BUILD; } 2>/dev/null; ship ;;

@@ -63,6 +63,9 @@ ship() {  # latest pretrained weights (bf16 export) + logs into $OUT
   nvidia-smi > "$L/nvidia-smi.txt" 2>&1; ls -la $CORPUS > "$L/corpus.txt"; cat $CORPUS/*.json | head -c 2000 >> "$L/corpus.txt"
   tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
 }
+if ssd_mode && ! is_mamba2 "$(latest $RUN)" && [[ "${PRETRAIN_SET:-}" != *'"layer":"Mamba2"'* ]]; then
+  echo "SSD_FROM_SOURCE=1 serves Mamba-2 models: $RUN and PRETRAIN_SET describe none (run without it)"; exit 1
+fi
 case $STAGE in
   pretrain)
     build_bg "$ROOT"/.device "$L/build.log"

@@ -9,9 +9,10 @@ GPUTarget('cuda', 90) with the ptxas Triton ships. cuobjdump (shipped too) reads
 registers per thread and stack bytes (spills), nvdisasm its SASS: spill instructions (STL, LDL),
 special-function instructions (MUFU: the exponentials) and the total, and from the registers the
 warps an SM holds (65,536 registers, at most 64 warps): the occupancy a launch plan can count on.
-Launches: the forward at mamba-130m's shape in the model's strides (bf16) and fp32 as training
-calls it, the backward at our LM's training shape in chunks (without an initial state, as in training, and
-with one), the initial-state correction.
+Launches, planned as on an H200 (132 SMs: blocks and chunks as the wrappers choose there; inputs in the
+model's strides): the forward at mamba-130m's shape (bf16) and in fp32 as training calls it, the backward at
+our LM's training shape (no initial state, as in training) and at batch 2 with initial and last-state
+gradients, and once with 32-channel programs in one chunk, the initial-state correction.
 ``tests/test_triton_compile.py`` compiles the same launches on CPU, so a kernel that would not
 compile fails before a GPU session.
 """
@@ -43,34 +44,46 @@ KERNEL_NAMES = {triton_scan: ("_scan_kernel", "_carry_kernel"),
                 triton_scan_bwd: ("_states_kernel", "_adjoint_kernel", "_reverse_kernel", "_carry_kernel"),
                 triton_correction: ("_segment_sums", "_correction")}
 _OPTIONS = ("num_warps", "num_stages", "maxnreg", "num_ctas")
+H200_SMS = 132
 
 
 @contextlib.contextmanager
 def recording(launches: list):
-    """Within: every kernel launch of the modules appends (kernel, args, kwargs) to launches instead of running."""
+    """Within: every kernel launch of the modules appends (kernel, its specialisation) to launches instead of running,
+    and the wrappers plan blocks and chunks for an H200's 132 SMs (modules.triton_scan.sm_count)."""
     saved = []
 
     class Recorder:
         def __init__(self, fn):
             self.fn = fn
 
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((self.fn, args, kwargs))
+        def __getitem__(self, grid):      # specialised at once: no tensor is kept past its launch
+            return lambda *args, **kwargs: launches.append((self.fn, specialise(self.fn, args, kwargs)))
 
-    for mod, names in KERNEL_NAMES.items():
-        for name in names:
-            saved.append((mod, name, getattr(mod, name)))
-            setattr(mod, name, Recorder(getattr(mod, name)))
     try:
+        saved.append((triton_scan, "sm_count", triton_scan.sm_count))   # plan launches as on an H200 (132 SMs)
+        triton_scan.sm_count = lambda device: H200_SMS
+        for mod, names in KERNEL_NAMES.items():
+            for name in names:
+                saved.append((mod, name, getattr(mod, name)))
+                setattr(mod, name, Recorder(getattr(mod, name)))
         yield launches
     finally:
-        for mod, name, fn in saved:
+        for mod, name, fn in reversed(saved):
             setattr(mod, name, fn)
 
 
 def specialise(fn, args, kwargs):
     """(signature, constexprs, attrs, options) of a launch, by Triton's own specialisation rules."""
+    unknown = [k for k in kwargs if k not in fn.arg_names and k not in _OPTIONS]
+    twice = [k for k in kwargs if k in fn.arg_names[:len(args)]]
+    if len(args) > len(fn.arg_names) or unknown or twice:      # the JIT refuses these launches: so does this
+        raise TypeError(f"{fn.__name__}: {len(args)} positional arguments for {len(fn.arg_names)} parameters, "
+                        f"unknown keywords {unknown}, given twice {twice}")
     bound = dict(zip(fn.arg_names, args)) | {k: v for k, v in kwargs.items() if k in fn.arg_names}
+    missing = [k for k in fn.arg_names if k not in bound]
+    if missing:
+        raise TypeError(f"{fn.__name__}: no value for {missing}")
     options = {k: v for k, v in kwargs.items() if k in _OPTIONS and v is not None}
     sig, constexprs, attrs = {}, {}, {}
     for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
@@ -87,8 +100,9 @@ def specialise(fn, args, kwargs):
     return sig, constexprs, attrs, options
 
 
-def compile_sm90(fn, args, kwargs):
-    sig, constexprs, attrs, options = specialise(fn, args, kwargs)
+def compile_sm90(fn, spec):
+    """(compiled kernel, num_warps) of a recorded launch (kernel, specialise's tuple) for sm_90."""
+    sig, constexprs, attrs, options = spec
     return triton.compile(ASTSource(fn, sig, constexprs=constexprs, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                           options=options), options.get("num_warps", 4)
 
@@ -141,29 +155,33 @@ def _model_inputs(b, d, length, n=16, dt_rank=48, dtype=torch.bfloat16):
                 C=x_dbl[..., dt_rank + n:].transpose(1, 2), D=torch.ones(d), z=xz[:, d:], delta_bias=torch.zeros(d))
 
 
-def _bwd_inputs(b, d, length, n=16):
-    """u, Δ (b, d, l), A (d, n), B, C (b, n, l): fp32 and contiguous, as TritonScanFn saves them."""
-    return (torch.zeros(b, d, length), torch.zeros(b, d, length), -torch.ones(d, n), torch.zeros(b, n, length),
-            torch.zeros(b, n, length))
+def _bwd_inputs(b, d, length, n=16, dt_rank=14):
+    """u, Δ (b, d, l), A (d, n), B, C (b, n, l) as TritonScanFn saves them in training: fp32 copies that keep the
+    model's strides (u contiguous from the conv, Δ channel-contiguous, B and C views into x_proj's output)."""
+    x_dbl = torch.zeros(b, length, dt_rank + 2 * n)
+    return (torch.zeros(b, d, length), torch.zeros(b, length, d).transpose(1, 2), -torch.ones(d, n),
+            x_dbl[..., dt_rank:dt_rank + n].transpose(1, 2), x_dbl[..., dt_rank + n:].transpose(1, 2))
 
 
-def launches() -> list[tuple[str, object, tuple, dict]]:
-    """(label, kernel, args, kwargs) of each launch the wrappers make in the cases of the module docstring."""
+def launches() -> list[tuple[str, object, tuple]]:
+    """(label, kernel, specialisation) of each launch the wrappers make in the cases of the module docstring."""
     out = []
     cases = [
-        ("fwd, 130m shape, model strides, bf16, 16K in 4 chunks",
+        ("fwd, 130m shape, model strides, bf16, 16K (H200 plan)",
          lambda: triton_scan.selective_scan_fwd(**_model_inputs(1, 1536, 16384), delta_softplus=True,
-                                                return_last_state=True, chunk=4096)),
+                                                return_last_state=True)),
         ("fwd, training (fp32 core scan), 32 x 448 x 2048",
          lambda: triton_scan.selective_scan_fwd(torch.zeros(32, 448, 2048), torch.zeros(32, 448, 2048),
                                                 -torch.ones(448, 16), torch.zeros(32, 16, 2048),
                                                 torch.zeros(32, 16, 2048), return_last_state=True)),
-        ("bwd, training: 32 x 448 x 2048, no initial state, 3 chunks",
-         lambda: triton_scan_bwd.scan_backward(*_bwd_inputs(32, 448, 2048), None, torch.zeros(32, 448, 2048), None,
-                                               chunk=688)),
-        ("bwd, 2 x 448 x 2048, initial and last-state gradients, 3 chunks",
+        ("bwd, training: 32 x 448 x 2048, no initial state (H200 plan)",
+         lambda: triton_scan_bwd.scan_backward(*_bwd_inputs(32, 448, 2048), None, torch.zeros(32, 448, 2048), None)),
+        ("bwd, 2 x 448 x 2048, initial and last-state gradients (H200 plan)",
          lambda: triton_scan_bwd.scan_backward(*_bwd_inputs(2, 448, 2048), torch.zeros(2, 448, 16),
-                                               torch.zeros(2, 448, 2048), torch.zeros(2, 448, 16), chunk=688)),
+                                               torch.zeros(2, 448, 2048), torch.zeros(2, 448, 16))),
+        ("bwd, 32 x 448 x 2048, 32 channels a program, one chunk",
+         lambda: triton_scan_bwd.scan_backward(*_bwd_inputs(32, 448, 2048), None, torch.zeros(32, 448, 2048), None,
+                                               block_d=32, chunk=2048)),
         ("initial-state correction, 130m shape, bf16 Δ",
          lambda: triton_correction.initial_state_correction(
              torch.zeros(1, 65536, 1536, dtype=torch.bfloat16).transpose(1, 2), -torch.ones(1536, 16),
@@ -174,7 +192,7 @@ def launches() -> list[tuple[str, object, tuple, dict]]:
         rec = []
         with recording(rec):
             call()
-        out += [(label, fn, args, kwargs) for fn, args, kwargs in rec]
+        out += [(label, fn, spec) for fn, spec in rec]
     return out
 
 
@@ -184,9 +202,10 @@ def main():
                                                  "triton_resources_sm90"))
     args = p.parse_args()
     rows = []
-    for label, fn, a, kw in launches():
-        kernel, num_warps = compile_sm90(fn, a, kw)
-        name = fn.__name__ + "".join(f" {k}={kw[k]}" for k in ("STATES_ONLY", "LOCAL") if k in kw)
+    for label, fn, spec in launches():
+        kernel, num_warps = compile_sm90(fn, spec)
+        cx = spec[1]
+        name = fn.__name__ + "".join(f" {k}={cx[k]}" for k in ("STATES_ONLY", "LOCAL", "BLOCK_D") if k in cx)
         rows.append(dict(launch=label, kernel=name, num_warps=num_warps, **resources(kernel, num_warps)))
         print(rows[-1], flush=True)
     notes = (f"Compiled by Triton {triton.__version__} for GPUTarget('cuda', 90, 32) (the H200) on a machine without "

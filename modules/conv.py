@@ -17,9 +17,11 @@ def causal_conv(x: torch.Tensor, conv: nn.Conv1d, prev: int, length: int) -> tor
     if x.device.type != "cpu":
         return conv(x)[..., prev:prev + length]
     k = conv.kernel_size[0]
-    w = conv.weight.squeeze(1)                                         # (e, k)
-    xl = F.pad(x, (k - 1, 0))                                          # xl[i] = x[i - (k - 1)]
+    f = torch.promote_types(x.dtype, torch.float32)                    # bf16/fp16: sums in fp32, rounded once
+    w = conv.weight.squeeze(1).to(f)                                   # (e, k)
+    xl = F.pad(x, (k - 1, 0)).to(f)                                    # xl[i] = x[i - (k - 1)]
     out = xl[..., prev:prev + length] * w[:, 0, None]
     for j in range(1, k):
         out = torch.addcmul(out, xl[..., prev + j:prev + j + length], w[:, j, None])
-    return out if conv.bias is None else out + conv.bias[:, None]
+    out = out if conv.bias is None else out + conv.bias.to(f)[:, None]
+    return out.to(x.dtype)

@@ -55,13 +55,20 @@ def _linear_scan(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) 
     a = log_a.exp()                                          # (B, D, C, T, N)
     h = torch.empty_like(b)
     h[:, :, :, 0] = b[:, :, :, 0]
+    in_place = not torch.is_grad_enabled()                   # out= has no autograd (a double backward records this)
     for t in range(1, t_len):                                # local scans of all chunks at once, in place
-        torch.addcmul(b[:, :, :, t], a[:, :, :, t], h[:, :, :, t - 1], out=h[:, :, :, t])
+        if in_place:
+            torch.addcmul(b[:, :, :, t], a[:, :, :, t], h[:, :, :, t - 1], out=h[:, :, :, t])
+        else:
+            h[:, :, :, t] = torch.addcmul(b[:, :, :, t], a[:, :, :, t], h[:, :, :, t - 1])
     decay = torch.cumsum(log_a, dim=3).exp_()                # (B, D, C, T, N) decay since chunk start
     carry = torch.empty(bsz, d, n_chunks, n, dtype=b.dtype, device=b.device)
     carry[:, :, 0] = 0 if h0 is None else h0
     for c in range(1, n_chunks):                             # state entering each chunk
-        torch.addcmul(h[:, :, c - 1, -1], decay[:, :, c - 1, -1], carry[:, :, c - 1], out=carry[:, :, c])
+        if in_place:
+            torch.addcmul(h[:, :, c - 1, -1], decay[:, :, c - 1, -1], carry[:, :, c - 1], out=carry[:, :, c])
+        else:
+            carry[:, :, c] = torch.addcmul(h[:, :, c - 1, -1], decay[:, :, c - 1, -1], carry[:, :, c - 1])
     h.addcmul_(decay, carry.unsqueeze(3))
     return h.view(bsz, d, n_chunks * t_len, n)[:, :, :length]
 

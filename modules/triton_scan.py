@@ -308,11 +308,19 @@ def _n_contiguous_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(2, 3).to(torch.float32, memory_format=torch.contiguous_format).transpose(2, 3)
 
 
+def sm_count(device: torch.device) -> int | None:
+    """The GPU's streaming multiprocessors, None off CUDA (benchmarks/triton_resources.py sets 132, the
+    H200's, to record the launches an H200 gets on a CPU machine)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _slots(device: torch.device, num_warps: int, programs_per_sm: int) -> int:
     """Programs resident at once on the device (a small fixed number on CPU)."""
-    if device.type != "cuda":
+    sms = sm_count(device)
+    if sms is None:
         return 4
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     return sms * programs_per_sm * max(1, 4 // num_warps)
 
 

@@ -9,7 +9,7 @@ Forward: ``modules.triton_scan.selective_scan_fwd`` (y and the last state). Back
 (batch row, BLOCK_D channels, chunk of tokens), every state of a channel in the program's registers.
 A program walks its chunk sequentially, so the sequence is cut into chunks when batch × channel
 blocks alone would leave the GPU's warp slots idle (training shapes: 32 × 2K tokens × 448 channels
-give 448 one-warp programs for 132 SMs: 3 chunks of 688 tokens); on one chunk passes 1, 2, 4 and 5 are skipped:
+give 896 one-warp programs of 16 channels for 132 SMs: 3 chunks of 688 tokens); on one chunk passes 1, 2, 4 and 5 are skipped:
   1. each chunk's final state from a zero state, and its Σ Δ;
   2. the carry over chunk boundaries (``modules.triton_scan._carry_kernel``): st[c] becomes the true
      state after chunk c, h_{c+1} = exp(A ΣΔ_c) ⊙ h_c + st[c], from the initial state;
@@ -30,15 +30,16 @@ import torch
 import triton
 import triton.language as tl
 
+from modules import triton_scan
 from modules.triton_scan import _carry_kernel
 
 BLOCK_D = 32                 # channels per one-warp program (a tile of BLOCK_D × n states), at most; fewer
                              # when batch × blocks would leave SM sub-partitions idle (_block_d)
 SCRATCH_BYTES = 1 << 31      # at most 2 GiB of saved states per launch pair: channels are taken in slices
-WARPS_PER_QUAD = 2           # one-warp programs per SM sub-partition wanted before the sequence is left whole: pass
-                             # 5 holds 178 registers per thread (sm_90, benchmarks/results/triton_resources_sm90.md),
-                             # so 11 one-warp programs fit an SM; 8 (2 per sub-partition) leave room for the states
-                             # passes beside them. A choice from the compiled code, not yet timed (scan_backward(chunk=...))
+WARPS_PER_QUAD = 4           # one-warp programs per SM sub-partition wanted before the sequence is left whole: at
+                             # our LM's training shape an H200 gets 16-channel programs (_block_d), whose pass 5 holds
+                             # 106 registers per thread (benchmarks/results/triton_resources_sm90.md): 19 fit an SM,
+                             # 16 are asked for. A choice from the compiled code, not yet timed (scan_backward(chunk=...))
 MIN_CHUNK = 64               # tokens per chunk, at least (each chunk adds a carry step and passes 1 and 4 walk
                              # every token once more)
 
@@ -195,9 +196,10 @@ def _block_d(bsz: int, dim: int, device) -> int:
     every SM sub-partition a warp, smaller tiles (shorter steps: 473 / 266 instructions a step at 16 / 8
     channels against 741 at 32, sm_90 compiled code) and more programs; 32 once the GPU is full (least
     work per channel). Chunks of the sequence then give each sub-partition WARPS_PER_QUAD (plan_chunk)."""
-    if device.type != "cuda":
+    sms = triton_scan.sm_count(device)
+    if sms is None:
         return BLOCK_D
-    quads = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    quads = 4 * sms
     for bd in (BLOCK_D, 16):
         if bsz * triton.cdiv(dim, bd) >= quads:
             return bd
@@ -208,7 +210,7 @@ def plan_chunk(programs: int, length: int, slots: int) -> int:
     """Tokens per chunk: the whole sequence where `programs` (batch rows × channel blocks, one warp each)
     fill the `slots` warps wanted; else the fewest chunks that do, each a multiple of 16 tokens and at
     least MIN_CHUNK (a sequence shorter than that stays whole)."""
-    if programs >= slots or length <= MIN_CHUNK:
+    if programs <= 0 or programs >= slots or length <= MIN_CHUNK:      # programs 0: an empty batch or no channels
         return max(length, 1)
     per_chunk = triton.cdiv(length, triton.cdiv(slots, programs))
     return min(length, max(MIN_CHUNK, triton.cdiv(per_chunk, 16) * 16))
@@ -217,9 +219,8 @@ def plan_chunk(programs: int, length: int, slots: int) -> int:
 def _slots(device) -> int:
     """One-warp programs wanted at once: WARPS_PER_QUAD per SM sub-partition; on CPU (the interpreter,
     tests) no chunks unless asked for."""
-    if device.type != "cuda":
-        return 1
-    return WARPS_PER_QUAD * 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    sms = triton_scan.sm_count(device)
+    return 1 if sms is None else WARPS_PER_QUAD * 4 * sms
 
 
 def scan_backward(u, delta, A, B, C, h0, gy, glast, *, block_d=None, chunk=None, scratch_bytes=SCRATCH_BYTES):
@@ -242,6 +243,8 @@ def scan_backward(u, delta, A, B, C, h0, gy, glast, *, block_d=None, chunk=None,
     if length == 0:                 # nothing scanned: dL/dh0 = dL/dh_last
         gh0.copy_(glast if glast is not None else torch.zeros_like(gh0))
         return gu, gdelta, torch.zeros_like(A), gB, gC, (gh0 if h0 is not None else None)
+    if bsz == 0 or dim == 0:        # nothing to launch: every gradient is empty or zero
+        return gu, gdelta, torch.zeros_like(A), gB, gC, (gh0.zero_() if h0 is not None else None)
     chunk = chunk or plan_chunk(bsz * triton.cdiv(dim, block_d), length, _slots(dev))
     nc = triton.cdiv(length, chunk)
     if nc > 65535:                                                             # the grid's third axis

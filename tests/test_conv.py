@@ -25,3 +25,18 @@ def test_causal_conv_equals_the_padded_convolution(k, prev, bias):
     for want, got in zip(*res):
         assert got.shape == want.shape
         assert (got - want).abs().max().item() < 1e-12
+
+
+def test_half_precision_rounds_once():
+    # bf16 on CPU: the sum of the d_conv products is formed in fp32 and rounded once, so each output is
+    # within bf16's unit roundoff (2^-8 relative: 8 significand bits) of the exact result of its bf16 inputs
+    # (fp64 reference; fp32's own error, ~1e-7, is far below it)
+    from modules.conv import causal_conv
+
+    torch.manual_seed(1)
+    conv = nn.Conv1d(64, 64, 4, groups=64, padding=3).to(torch.bfloat16)
+    x = torch.randn(2, 64, 300).to(torch.bfloat16)
+    got = causal_conv(x, conv, 0, 300)
+    exact = nn.functional.conv1d(x.double(), conv.weight.double(), conv.bias.double(), padding=3, groups=64)[..., :300]
+    assert got.dtype == torch.bfloat16
+    assert ((got.double() - exact).abs() <= 2.0 ** -8 * exact.abs() + 1e-30).all()

@@ -140,3 +140,22 @@ def test_kernel_dispatch_hands_the_kernel_aligned_rows(monkeypatch):
     assert torch.equal(got, want)
     assert seen["u"].data_ptr() % 16 == 0 and seen["u"].is_contiguous() and torch.equal(seen["u"], inp["u"])
     assert seen["delta"] is inp["delta"]                            # already aligned: no copy
+
+
+def test_double_backward_equals_the_per_token_loop():
+    # a gradient of a gradient (create_graph=True) through the pure-PyTorch scan: its in-place steps are
+    # skipped while autograd records (out= has no derivative); fp64 against the per-token loop
+    from modules.selective_scan import selective_scan_ref, selective_scan_sequential
+
+    g = torch.Generator().manual_seed(3)
+    u = torch.randn(1, 4, 40, generator=g, dtype=torch.float64)
+    dt = torch.rand(1, 4, 40, generator=g, dtype=torch.float64)
+    A = -torch.rand(4, 3, generator=g, dtype=torch.float64)
+    B, C = torch.randn(1, 3, 40, generator=g, dtype=torch.float64), torch.randn(1, 3, 40, generator=g, dtype=torch.float64)
+    res = []
+    for fn in (selective_scan_ref, selective_scan_sequential):
+        x = u.clone().requires_grad_()
+        first, = torch.autograd.grad((fn(x, dt, A, B, C) ** 2).sum(), x, create_graph=True)
+        second, = torch.autograd.grad((first ** 2).sum(), x)
+        res.append(second)
+    torch.testing.assert_close(res[0], res[1], rtol=1e-9, atol=1e-12)    # fp64, sums in another order

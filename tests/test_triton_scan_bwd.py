@@ -101,23 +101,45 @@ def check_interpreter():
             todo += [f for f, _ in fn.next_functions]
     assert any("TritonScanFn" in type(fn).__name__ for fn in seen), [type(f).__name__ for f in seen]
     print("ok dispatcher", flush=True)
+    # called directly as autograd never does: no initial state and no gradient on the last state (None,
+    # not zeros: the kernels' HAS_H0/HAS_GLAST=False branches), in 3 chunks, against autograd of an fp64 loop
+    g = torch.Generator().manual_seed(2)
+    b, d, l, n = 2, 40, 23, 4
+    u, dt = torch.randn(b, d, l, generator=g, dtype=torch.float64), torch.rand(b, d, l, generator=g, dtype=torch.float64)
+    A = -torch.rand(d, n, generator=g, dtype=torch.float64) * 2
+    B, C = torch.randn(b, n, l, generator=g, dtype=torch.float64), torch.randn(b, n, l, generator=g, dtype=torch.float64)
+    gy = torch.randn(b, d, l, generator=g, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (u, dt, A, B, C)]
+    h, ys = torch.zeros(b, d, n, dtype=torch.float64), []
+    for t in range(l):
+        h = torch.exp(leaves[1][:, :, t, None] * leaves[2]) * h + (leaves[1][:, :, t] * leaves[0][:, :, t])[..., None] * leaves[3][:, None, :, t]
+        ys.append((h * leaves[4][:, None, :, t]).sum(-1))
+    want = torch.autograd.grad((torch.stack(ys, 2) * gy).sum(), leaves)
+    got = bwd(*(t.float() for t in (u, dt, A, B, C)), None, gy.float(), None, chunk=8)
+    assert got[5] is None
+    for name, w, v in zip(("u", "delta", "A", "B", "C"), want, got):
+        err = ((v.double() - w).abs().max() / w.abs().max()).item()
+        assert err < 1e-5, (name, err)
+    print("ok direct_no_h0_no_glast", flush=True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the compiled kernels")
 def test_triton_scan_backward_interpreter():
     out = run_in_interpreter("test_triton_scan_bwd", "check_interpreter()")
-    assert out.count("ok ") == len(CASES) + 1, out
+    assert out.count("ok ") == len(CASES) + 2, out
 
 
 def test_chunk_plan_fills_the_warp_slots():
     # tokens per chunk: whole where batch x channel blocks fill the slots, else enough chunks to (values by hand)
     from modules.triton_scan_bwd import MIN_CHUNK, plan_chunk
 
-    assert plan_chunk(4000, 2048, 1056) == 2048       # enough programs: one chunk
-    assert plan_chunk(448, 2048, 1056) == 688         # our LM's training shape on an H200 (1,056 slots): 3 chunks
-    assert plan_chunk(1, 100, 1056) == MIN_CHUNK      # no chunk below MIN_CHUNK tokens
-    assert plan_chunk(10, 50, 1056) == 50             # a sequence shorter than that stays whole
-    assert plan_chunk(50, 4100, 1056) == 192          # the GPU test below: 22 chunks
+    assert plan_chunk(0, 2048, 2112) == 2048          # an empty batch: nothing to cut
+    assert plan_chunk(4000, 2048, 2112) == 2048       # enough programs: one chunk
+    assert plan_chunk(896, 2048, 2112) == 688         # our LM's training shape on an H200 (32 x 28 blocks of 16
+                                                      # channels, 2,112 slots): 3 chunks
+    assert plan_chunk(1, 100, 2112) == MIN_CHUNK      # no chunk below MIN_CHUNK tokens
+    assert plan_chunk(10, 50, 2112) == 50             # a sequence shorter than that stays whole
+    assert plan_chunk(50, 4100, 2112) == 96           # the GPU test below: 43 chunks
 
 @requires_cuda
 @pytest.mark.gpu
@@ -125,7 +147,7 @@ def test_chunk_plan_fills_the_warp_slots():
                          ids=["zero-state", "initial-state", "initial-state-one-chunk"])
 def test_compiled_backward_equals_torch_scan(monkeypatch, h0, chunk):
     # the compiled kernels against the pure-PyTorch scan (itself checked against the fp64 loop on CPU),
-    # fp32, 4,100 tokens (not a multiple of any block), the model's strides; the planned chunks (22 on
+    # fp32, 4,100 tokens (not a multiple of any block), the model's strides; the planned chunks (43 on
     # an H200: 2 rows x 25 blocks of 8 channels) and one chunk
     from modules import triton_scan_bwd
     from modules.selective_scan import selective_scan_ref, selective_scan_triton
