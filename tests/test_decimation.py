@@ -66,7 +66,7 @@ def test_batch_rows_equal_one_by_one():
 
 @pytest.mark.parametrize("kw,needle", [
     (dict(type="mean"), "type='mean'"), (dict(beta=0.0), "beta=0.0"), (dict(beta=1.5), "beta=1.5"),
-    (dict(L_base=-3), "L_base=-3"), (dict(decimating_layers=[2, 2]), "repeats"),
+    (dict(L_base=-3), "L_base=-3"), (dict(L_base=0), "L_base=0"), (dict(decimating_layers=[2, 2]), "repeats"),
     (dict(decimating_layers=[-1]), "non-negative"), (dict(min_seq_len=-1), "min_seq_len=-1"),
 ])
 def test_config_rejects_bad_values(kw, needle):
@@ -143,3 +143,35 @@ def test_streamed_merge_keeps_the_one_shot_set_on_ties():
         assert sorted(buf_p[row].tolist()) == want
         one_shot = DecimationConfig(activate=True, decimating_layers=[0], L_base=k, min_seq_len=0)
         assert kept_from_scores(scores[row:row + 1], 0, 0, one_shot)[0].tolist() == want
+
+
+def test_beta_one_is_valid_and_keeps_the_same_budget_at_every_layer():
+    # β is in (0, 1] (the original's inactive config itself uses β = 1, reference §1.2): with β = 1
+    # every decimating layer keeps L_base tokens, 10·1^s = 10 here
+    cfg = DecimationConfig(activate=True, beta=1, decimating_layers=[0, 1, 2], L_base=10, min_seq_len=0)
+    assert cfg.beta == 1.0
+    for s, layer in enumerate(cfg.decimating_layers):
+        assert num_kept(100, s, cfg.beta, cfg.L_base, cfg.min_seq_len) == 10
+        assert kept_from_scores(torch.rand(1, 50), 2, layer, cfg).shape == (1, 12)
+
+
+def test_scores_are_fp32_norms_even_for_a_bf16_delta():
+    # ‖Δ‖₂ in fp32 whatever Δ's dtype: in bf16 (8 mantissa bits) 8.00098 rounds to 8, which would tie
+    # these two tokens and hand the single place to the earlier one. Token 0: 64 channels of 1.0
+    # (norm 8); token 1: the same with one channel at 1.0078125, bf16's next value above 1
+    # (norm sqrt(63 + 1.0078125²) = 8.000976...).
+    delta = torch.ones(1, 64, 2, dtype=torch.bfloat16)
+    delta[0, 5, 1] = 1.0078125
+    scores = token_scores(delta)
+    assert scores.dtype == torch.float32
+    want = torch.tensor([[8.0, math.sqrt(63 + 1.0078125**2)]])
+    torch.testing.assert_close(scores, want, rtol=1e-6, atol=0)     # fp32 rounding of a 64-term sum
+    cfg = DecimationConfig(activate=True, decimating_layers=[0], L_base=1, min_seq_len=0)
+    assert kept_indices(delta, 0, 0, cfg).tolist() == [[1]]
+
+
+def test_protected_tail_longer_than_the_sequence_keeps_every_position():
+    # resp_len > L (a caller asking for more last tokens than the prompt has): no candidate, the
+    # whole sequence is the tail, indices 0..L-1 (never negative or out of range)
+    cfg = DecimationConfig(activate=True, decimating_layers=[0], L_base=2, min_seq_len=0)
+    assert kept_from_scores(torch.rand(2, 3), 5, 0, cfg).tolist() == [[0, 1, 2]] * 2

@@ -320,3 +320,102 @@ def test_hub_id_from_the_local_cache_offline(tmp_path, monkeypatch):
     ids = ids_of(20)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, hf(ids).logits, **FP32)
+
+
+# ---------------------------------------------------------------- the mapping, field by field
+# transformers key -> (our MambaConfig attribute, or ssm_cfg key), written out here from transformers'
+# MambaConfig / FalconMambaConfig documentation (not read from models/hf_format.py)
+TOP_MAP = {"hidden_size": "d_model", "num_hidden_layers": "n_layer", "vocab_size": "vocab_size",
+           "residual_in_fp32": "residual_in_fp32", "tie_word_embeddings": "tie_embeddings",
+           "layer_norm_epsilon": "norm_epsilon"}
+SSM_MAP = {"state_size": "d_state", "conv_kernel": "d_conv", "expand": "expand", "time_step_rank": "dt_rank",
+           "time_step_min": "dt_min", "time_step_max": "dt_max", "time_step_init_scheme": "dt_init",
+           "time_step_scale": "dt_scale", "time_step_floor": "dt_init_floor", "use_conv_bias": "conv_bias",
+           "use_bias": "bias"}
+# every mapped field away from transformers' default
+ODD_FIELDS = dict(hidden_size=40, num_hidden_layers=3, vocab_size=72, residual_in_fp32=False,
+                  tie_word_embeddings=False, layer_norm_epsilon=1e-4, state_size=6, conv_kernel=3, expand=3,
+                  time_step_rank=7, time_step_min=0.002, time_step_max=0.2, time_step_init_scheme="constant",
+                  time_step_scale=0.5, time_step_floor=2e-4, use_conv_bias=False, use_bias=True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_config_field_maps_both_ways(kind):
+    from models.hf_format import config_from_hf, config_to_hf
+
+    cfg_cls, _ = hf_classes(kind)
+    fields = {**ODD_FIELDS, **({"mixer_rms_eps": 1e-5} if kind == "falcon_mamba" else {})}
+    hf_cfg = cfg_cls(**fields).to_dict()                     # as transformers writes config.json
+    ours = config_from_hf(hf_cfg, "config.json")
+    for hf, attr in TOP_MAP.items():
+        assert getattr(ours, attr) == fields[hf], hf
+    for hf, key in SSM_MAP.items():
+        assert ours.ssm_cfg[key] == fields[hf], hf
+    assert ours.ssm_cfg.get("b_c_dt_rms", False) == (kind == "falcon_mamba")
+    if kind == "falcon_mamba":
+        assert ours.ssm_cfg["mixer_rms_eps"] == 1e-5
+    back = config_to_hf(ours, "float32", base=None)            # no base: nothing carried over
+    assert back["model_type"] == kind and back["intermediate_size"] == 3 * 40
+    for hf, value in fields.items():
+        assert back[hf] == value, hf
+        assert getattr(cfg_cls(**back), hf) == value, hf       # and transformers reads it so
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fields_a_config_leaves_out_take_transformers_defaults(kind):
+    # a transformers config.json may omit any key (tie_word_embeddings=True, a PretrainedConfig default,
+    # is left out of a diff-saved config): each then means transformers' own default
+    from models.hf_format import config_from_hf, config_to_hf
+
+    cfg_cls, _ = hf_classes(kind)
+    want = cfg_cls().to_dict()
+    back = config_to_hf(config_from_hf({"model_type": kind}, "config.json"), "float32")
+    keys = [*TOP_MAP, *SSM_MAP, "intermediate_size", "hidden_act", *(["mixer_rms_eps"] if kind == "falcon_mamba" else [])]
+    for hf in keys:
+        assert back[hf] == want[hf], hf
+
+
+@torch.no_grad()
+def test_published_with_auto_rank_and_a_fractional_expand(tmp_path):
+    # dt_rank "auto" is ceil(d_model / 16) = ceil(36 / 16) = 3 (not 36 // 16 = 2); expand 1.5 gives
+    # d_inner 54, which transformers builds only from intermediate_size (its expand is an int)
+    ours = randomize(MambaLMHeadModel(tiny_config(d_model=36, n_layer=2, ssm_cfg={"d_state": 4, "expand": 1.5})))
+    ours.save_pretrained(tmp_path, format="transformers")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert (cfg["time_step_rank"], cfg["intermediate_size"]) == (3, 54)
+    hf, info = transformers.MambaForCausalLM.from_pretrained(str(tmp_path), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    ids = torch.randint(0, 61, (1, 30))
+    torch.testing.assert_close(ours(ids).logits, hf.eval()(ids).logits, **FP32)
+
+
+def test_a_non_silu_activation_is_refused():
+    # the mixer is SiLU-only: a gelu checkpoint would load and give wrong logits
+    from models.hf_format import config_from_hf
+
+    with pytest.raises(CheckpointFormatError, match="hidden_act='gelu'"):
+        config_from_hf({"model_type": "mamba", "hidden_act": "gelu"}, "config.json")
+
+
+def _add_to_safetensors(folder, extra):
+    from safetensors.torch import load_file, save_file
+
+    f = os.path.join(folder, "model.safetensors")
+    state = load_file(f)
+    state.update(extra)
+    save_file(state, f, metadata={"format": "pt"})
+
+
+@torch.no_grad()
+def test_falcon_checkpoint_storing_its_weightless_norms_loads(tmp_path):
+    # older Falcon-Mamba checkpoints store the (all-ones) B, C and dt norms; they hold no weights of ours
+    fields = SHAPES[0][1]
+    hf = hf_model("falcon_mamba", fields)
+    hf.save_pretrained(tmp_path)
+    n, r = fields["state_size"], fields["time_step_rank"]
+    _add_to_safetensors(tmp_path, {f"backbone.layers.{i}.mixer.{name}_layernorm.weight": torch.ones(size)
+                                   for i in range(fields["num_hidden_layers"]) for name, size in
+                                   (("b", n), ("c", n), ("dt", r))})
+    ids = ids_of(30)
+    torch.testing.assert_close(MambaLMHeadModel.from_pretrained(str(tmp_path))(ids).logits, hf(ids).logits, **FP32)
+

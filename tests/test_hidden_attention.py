@@ -123,3 +123,11 @@ def test_log_normalized_and_channels():
     assert m.max() == 0 and m.min() == -3
     assert default_channels(1536) == [round(i * 1535 / 10) for i in range(11)]
     assert default_channels(4) == [0, 1, 2, 3]
+
+
+def test_log_normalized_scales_magnitudes_sign_ignored():
+    # |α| / max|α| as log10, floored at 10^threshold_exp: a negative entry is placed by its magnitude
+    # (-1 of max 2: log10 0.5), zero and tiny entries sit at the floor. Values written out by hand.
+    m = log_normalized(torch.tensor([[2.0, -1.0], [0.0, 1e-9], [-4.0, 0.04]]), threshold_exp=-2)
+    want = torch.tensor([[math.log10(0.5), math.log10(0.25)], [-2.0, -2.0], [0.0, -2.0]])
+    torch.testing.assert_close(m, want)          # fp32 log10 of exact ratios: default fp32 tolerance

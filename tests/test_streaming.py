@@ -79,3 +79,33 @@ def test_exact_score_ties_keep_the_earliest_tokens_streamed_and_one_shot():
     for (_, a), (_, b) in zip(got.kept_indices, one.kept_indices):
         assert torch.equal(a, b)
     torch.testing.assert_close(got.logits, one.logits, **FP32)
+
+
+def test_unordered_decimating_layers_stream_as_one_shot():
+    # s is the layer's position in the list, not its depth: with [3, 1], layer 1 (the first to run)
+    # is s = 1 and keeps int(60·0.5) = 30 of 299 candidates + the 2-token tail; layer 3 (s = 0,
+    # budget 60) then keeps all 30 + 2 left. The stream must start its buffer at layer 1 with that k.
+    deci = {**DECI, "decimating_layers": [3, 1]}
+    _, model = make_pair(deci=deci)
+    ids = torch.randint(0, 61, (1, 301))
+    one = model(ids, num_last_tokens=2)
+    got = streaming_prefill(model, ids, chunk_size=37, num_last_tokens=2)
+    assert [i for i, _ in got.kept_indices] == [1, 3]
+    first = got.kept_indices[0][1]
+    assert first.shape == (32,) and torch.equal(first[-2:], torch.tensor([299, 300]))
+    assert torch.equal(got.kept_indices[1][1], torch.arange(32))
+    for (_, a), (_, b) in zip(got.kept_indices, one.kept_indices):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(got.logits, one.logits, **FP32)
+
+
+def test_listed_layers_with_decimation_off_stream_as_vanilla():
+    # activate=False is exact vanilla Mamba whatever the other settings: every layer streams, no token
+    # is dropped, and each listed layer reports all positions, in layer order (as one shot does)
+    vanilla, model = make_pair(deci={**DECI, "activate": False, "decimating_layers": [3, 1]})
+    ids = torch.randint(0, 61, (2, 150))
+    got = streaming_prefill(model, ids, chunk_size=37, num_last_tokens=2)
+    torch.testing.assert_close(got.logits, vanilla(ids, num_last_tokens=2).logits, **FP32)
+    assert [i for i, _ in got.kept_indices] == [1, 3]
+    assert all(torch.equal(k, torch.arange(150).expand(2, -1)) for _, k in got.kept_indices)
+
