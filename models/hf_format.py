@@ -141,14 +141,12 @@ def config_to_hf(config: MambaConfig, dtype_name: str, base: dict | None = None)
 
 
 def state_from_hf(state: dict, tied: bool) -> dict:
-    """transformers parameter names -> ours (in place). A tied checkpoint's lm_head, if stored, is
-    dropped: the head is the embedding."""
+    """transformers parameter names -> ours (in place). A tied checkpoint's lm_head, if stored, is left
+    for the loader to check against the embedding (models.mamba_lm: the head is the embedding)."""
     for k in [k for k in state if k.endswith(IGNORED_HF_WEIGHTS)]:
         del state[k]
     if EMBEDDING[1] in state:
         state[EMBEDDING[0]] = state.pop(EMBEDDING[1])
-    if tied:
-        state.pop("lm_head.weight", None)
     return state
 
 

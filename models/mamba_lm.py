@@ -222,7 +222,14 @@ class MambaLMHeadModel(nn.Module):
             model = cls(config, decimation_config=decimation_config, backend=backend, dtype=dtype)
         _keep_fp32(model)
         if config.tie_embeddings and hf_format.EMBEDDING[0] in state:
-            state["lm_head.weight"] = state[hf_format.EMBEDDING[0]]
+            head, emb = state.get("lm_head.weight"), state[hf_format.EMBEDDING[0]]
+            if head is not None and not (head.shape == emb.shape and torch.equal(head, emb.to(head.dtype))):
+                # transformers would keep the stored head and untie; neither choice is the checkpoint's own
+                raise CheckpointFormatError(
+                    f"{name_or_path}: config.json ties the output head to the embedding, but the stored "
+                    f"lm_head.weight differs from it; set tie_word_embeddings (or tie_embeddings) to false in "
+                    f"config.json to use the stored head, or drop lm_head.weight to use the embedding")
+            state["lm_head.weight"] = emb
         own = model.state_dict()
         bad = [f"{k} {tuple(v.shape)} (config: {tuple(own[k].shape)})" for k, v in state.items()
                if k in own and own[k].shape != v.shape]

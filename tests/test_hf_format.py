@@ -419,3 +419,19 @@ def test_falcon_checkpoint_storing_its_weightless_norms_loads(tmp_path):
     ids = ids_of(30)
     torch.testing.assert_close(MambaLMHeadModel.from_pretrained(str(tmp_path))(ids).logits, hf(ids).logits, **FP32)
 
+
+
+@torch.no_grad()
+def test_a_tied_checkpoint_storing_another_head_is_refused(tmp_path):
+    # tie_word_embeddings true but a stored lm_head.weight unlike the embedding: the checkpoint contradicts
+    # itself (transformers keeps the stored head, our loader used to drop it silently): one clear error;
+    # a stored head equal to the embedding (as tied checkpoints often save it) loads
+    hf = hf_model("mamba", SHAPES[1][1])
+    hf.save_pretrained(tmp_path / "same")
+    emb = hf.get_input_embeddings().weight.detach().clone()
+    _add_to_safetensors(tmp_path / "same", {"lm_head.weight": emb})
+    MambaLMHeadModel.from_pretrained(str(tmp_path / "same"))
+    hf.save_pretrained(tmp_path / "other")
+    _add_to_safetensors(tmp_path / "other", {"lm_head.weight": emb + 1})
+    with pytest.raises(CheckpointFormatError, match="stored lm_head.weight differs"):
+        MambaLMHeadModel.from_pretrained(str(tmp_path / "other"))
