@@ -29,7 +29,7 @@
 #   weights (tools/export_checkpoint.py, bf16 but A_log, D, dt_bias fp32; m2_<arm>.tar.part_*, 15 MiB parts);
 #   M2PK_SMOKE=1: see below.
 #
-# Carried: .whl/ only, holding the nltk wheel (/work/main/.whl/nltk-3.10.4-py3-none-any.whl): the passkey task
+# Carried: .whl/ only, holding the nltk wheel (.whl/nltk-3.10.4-py3-none-any.whl in the checkout): the passkey task
 # splits the haystack into sentences with nltk's Punkt (custom_datasets/niah.py), and the device image has no
 # nltk (its regex, click, joblib, tqdm are there). The haystack text itself needs no carried data: it is
 # WikiText-2 raw validation (training) and test (evaluation), read by custom_datasets/sources.py from the
@@ -37,8 +37,7 @@
 # the tree, as for gpu_passkey.sh. No kernel build: both arms train and evaluate on the pure-PyTorch Mamba-2 path
 # (backend torch: modules/ssd.py's chunked SSD scan, cuDNN's depthwise conv), or, with SSD_FROM_SOURCE=1 and .device/
 # carried, on mamba-ssm's SSD Triton kernels from its Python sources (backend ssd_kernel; gpu_common.sh), still
-# with nothing built (causal-conv1d, which the fused kernel needs, would take ~380 s). The device receives the session's own
-# checkout (/work/main), not a helper's worktree: merge branch mamba2_passkey there before calling.
+# with nothing built (causal-conv1d, which the fused kernel needs, would take ~380 s).
 # Runs stay in /tmp/runs between calls (the names m2_*, m2g_*; gpu_passkey.sh's runs there are left alone).
 # Back in $OUT: logs.tgz = logs/ with commands.txt (every command with its time, training progress and a
 # projection, what finished), each process's output (<run>.log), each run's results.jsonl, train_log.jsonl,
