@@ -107,7 +107,7 @@ def resolved_backend(backend: str, device, mamba2: bool = False) -> str:
 
 def _is_mamba2(model) -> bool:
     cfg = getattr(getattr(model, "module", model), "config", None)          # DDP wraps the model in .module
-    return (getattr(cfg, "ssm_cfg", None) or {}).get("layer") == "Mamba2"
+    return getattr(cfg, "layer", None) == "Mamba2"
 
 
 def eval_identity(task, model, cfg, device, checkpoint: str, step: int, weights: str | None = None) -> tuple[dict, dict]:

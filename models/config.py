@@ -47,13 +47,18 @@ class MambaConfig:
     tie_embeddings: bool = False
     norm_epsilon: float = 1e-5          # eps of every block norm and norm_f (mamba-ssm's MixerModel argument)
 
+    @property
+    def layer(self) -> str:
+        """The mixer of every layer: "Mamba1" (the default) or "Mamba2" (ssm_cfg.layer)."""
+        return self.ssm_cfg.get("layer", "Mamba1")
+
     def __post_init__(self):
         problems = []
         for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 problems.append(f"{name}={v!r} must be a positive integer")
-        layer = self.ssm_cfg.get("layer", "Mamba1")
+        layer = self.layer
         valid = MAMBA2_SSM_CFG_KEYS if layer == "Mamba2" else SSM_CFG_KEYS
         unknown = set(self.ssm_cfg) - set(valid)
         if unknown:

@@ -77,7 +77,7 @@ class MixerModel(nn.Module):
         fk = {"device": device, "dtype": dtype}
         d = config.d_model
         self.embedding = nn.Embedding(config.padded_vocab_size, d, **fk)
-        mixer_cls = Mamba2Mixer if config.ssm_cfg.get("layer", "Mamba1") == "Mamba2" else MambaMixer
+        mixer_cls = Mamba2Mixer if config.layer == "Mamba2" else MambaMixer
         self.layers = nn.ModuleList(
             Block(d, mixer_cls(d, layer_idx=i, **config.mixer_kwargs(), **fk), config.rms_norm,
                   config.residual_in_fp32, norm_eps=config.norm_epsilon, **fk)
@@ -281,10 +281,15 @@ class DecimatingMambaModel(MambaLMHeadModel):
     decimating = True
 
 
+def keeps_fp32(name: str) -> bool:
+    """Whether parameter ``name`` is one of KEEP_FP32 (A_log, D, Δ's bias), which stay fp32 in half models."""
+    return any(name == k or name.endswith("." + k) for k in KEEP_FP32)
+
+
 def _keep_fp32(model) -> None:
-    """KEEP_FP32 parameters (A_log, D, Δ's bias) in fp32 (in place: the same Parameters, attributes kept)."""
+    """KEEP_FP32 parameters in fp32 (in place: the same Parameters, attributes kept)."""
     for name, p in model.named_parameters():
-        if p.dtype in (torch.float16, torch.bfloat16) and any(name == k or name.endswith("." + k) for k in KEEP_FP32):
+        if p.dtype in (torch.float16, torch.bfloat16) and keeps_fp32(name):
             p.data = p.data.float()                  # fp64 models stay fp64
 
 

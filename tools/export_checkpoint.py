@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from engine.checkpoint import LEGACY_STATE, RUN_CONFIG, STATE_INDEX, STATE_TENSORS  # noqa: E402
 from engine.errors import DiskFullError, fsync_dir, is_disk_full  # noqa: E402
 from models import MambaLMHeadModel  # noqa: E402
-from models.mamba_lm import KEEP_FP32  # noqa: E402  (the names from_pretrained keeps in fp32: one list)
+from models.mamba_lm import KEEP_FP32, keeps_fp32  # noqa: E402  (what from_pretrained keeps in fp32: one list)
 from tools.cli import OneLineParser, run_cli  # noqa: E402
 
 # files of a checkpoint (what from_pretrained, the tools and --resume read), replaced by an --overwrite export
@@ -38,8 +38,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json", ".pt")
 def cast_for_export(model, dtype: torch.dtype) -> None:
     """Cast ``model``'s parameters to ``dtype`` in place, except KEEP_FP32 (float32)."""
     for name, p in model.named_parameters():          # a tied weight appears once
-        fp32 = any(name == k or name.endswith("." + k) for k in KEEP_FP32)
-        p.data = p.data.to(torch.float32 if fp32 else dtype)
+        p.data = p.data.to(torch.float32 if keeps_fp32(name) else dtype)
 
 
 def kept_files(src: str, dest: str, overwrite: bool) -> list[str]:
