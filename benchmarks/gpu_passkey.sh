@@ -12,7 +12,9 @@
 #                                               FT_LEN tokens (default 512) vanilla, DeciMamba at 12 and at the run's
 #                                               Mean-Distance layer (NAME_<checkpoint>_mean_distance.json), grids 512 ... 128K and
 #                                               256K ... 1M, and the pretrained model's perplexity by length; its runs
-#                                               are named NAME_s_*, NAME_gs_*, NAME_ppl_* (a second model gets its own)
+#                                               are named NAME_s_*, NAME_gs_*, NAME_ppl_* (a second model gets its own);
+#                                               FT_ONLY=1: fine-tunes only, to END_S (Mamba-2's Triton kernels compile
+#                                               on each new prompt shape: its fine-tunes need a call of their own)
 # END_S: seconds from the start at which the stage stops its runs and packs up (keep it under the call's limit).
 # Carried: artifacts/pretrained/ (the step-3,866 weights of gpu_repro.sh; or PRETRAINED=DIR, or PRETRAINED=pretrain
 # for the latest checkpoint of gpu_repro.sh's run on the same machine), .device/ (kernel sources + build script),
@@ -117,6 +119,8 @@ case $STAGE in
       "$RUNS/${PRETRAINED}_$(basename "$P")_mean_distance.json" 2>/dev/null)   # gpu_repro.sh's, of the checkpoint taken
     echo "Mean-Distance layer: ${MD:-unknown}" >> "$L/commands.txt"
     ARMS="${T}_s_vanilla:vanilla:12:$N ${T}_s_deci12:deci:12:$N"; [ -n "$MD" ] && [ "$MD" != 12 ] && ARMS="$ARMS ${T}_s_deci$MD:deci:$MD:$N"
+    if [ "${FT_ONLY:-0}" = 1 ]; then   # the whole call for the fine-tunes (a later `short` call resumes them, then grids)
+      ft_all $ARMS; wait_until $(( END - 40 )) $FTP; ft_stop; ship; echo "done at $(el) s"; exit 0; fi
     ft_all $ARMS; wait_until $(( END * 2 / 5 )) $FTP; ft_stop
     ppl_by_length ${T}_ppl_vanilla; ppl_by_length ${T}_ppl_deci12 --set mamba_arch=deci --set activate_decimation=true \
       --set 'decimating_layers=[12]' --set decimation_beta=0.5 --set decimation_max_p_L_base=$N

@@ -141,3 +141,35 @@ def test_existing_out_is_refused_before_any_work(tmp_path, capsys):
     assert sg.main(argv) == 1                     # the --out check comes first: the missing model is not reached
     one_line_stderr(capsys, "error:", str(out), "already exists", "--overwrite")
     assert out.read_text() == '{"committed": 1}\n' and os.listdir(tmp_path) == ["state_growth.json"]
+
+
+def test_mamba2_model_is_measured_and_state_horizon_still_refuses_it(tmp_path, capsys):
+    """A Mamba-2 model's cache holds (b, nheads, headdim, d_state) states: state_growth reads them (the rows
+    equal one-shot prefills' states), while state_horizon, which needs per-channel A, refuses the model."""
+    import state_horizon as sh
+
+    model = randomize(MambaLMHeadModel(MambaConfig(
+        d_model=32, n_layer=2, vocab_size=50277, pad_vocab_size_multiple=8,
+        ssm_cfg={"layer": "Mamba2", "d_state": 8, "headdim": 16, "chunk_size": 32})), 0).eval()
+    model.save_pretrained(str(tmp_path / "m"))
+    with open(os.path.join(REPO, "data", "wikitext-2-raw", "wiki.valid.raw"), encoding="utf-8") as f:
+        (tmp_path / "t.txt").write_text(f.read(8000), encoding="utf-8")
+    out = tmp_path / "g.json"
+    argv = ["--model", str(tmp_path / "m"), "--text", str(tmp_path / "t.txt"), "--train-len", "64",
+            "--lengths", "256", "--chunk", "64", "--windows", "2", "--out", str(out)]
+    assert sg.main(argv) == 0
+    res = json.loads(out.read_text())
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(REPO, res["text"]["tokenizer"]))
+    ids = torch.tensor(tok.encode((tmp_path / "t.txt").read_text(encoding="utf-8"), add_special_tokens=False).ids)
+    windows = [ids[s:s + 256][None] for s in res["window_starts"]]
+    want = _one_shot(model, windows, [64, 256])
+    caches = model.allocate_inference_cache()
+    with torch.no_grad():
+        model(windows[0][:, :64], num_last_tokens=1, caches=caches)
+    assert caches[0].ssm_state.shape == (1, 4, 16, 8)     # (b, nheads = 64 / 16, headdim, d_state): Mamba-2's
+    _assert_rows(res["rows"], want, 64, [256])
+    capsys.readouterr()
+    assert sh.main(["--model", str(tmp_path / "m"), "--text", str(tmp_path / "t.txt")]) == 1
+    one_line_stderr(capsys, "error:", "a Mamba2 model", "Mamba-1")

@@ -8,10 +8,10 @@ hands the next layers values they never saw in training: the "state collapse" of
 2410.07145), a candidate cause of failure beyond the training length. Windows of natural text (evenly spaced,
 as tools/state_horizon.py takes them) are streamed through the model in chunks of ``--chunk`` tokens
 (chunked prefill: each chunk continues from the states the last one left, models/mamba_lm.py caches); after
-the chunk that ends at the training length and at each of ``--lengths`` the state h (b, d_inner, d_state)
-of every layer is read. Reported per layer, the mean over windows of max|h| and of the RMS of h, and
-their ratios to the values at the training length (1 at the training length by definition; > 1: the state
-grew beyond anything the training length produced). ``--out`` writes JSON with the command, machine, date,
+the chunk that ends at the training length and at each of ``--lengths`` the state h of every layer is read
+((b, d_inner, d_state) in Mamba-1, (b, nheads, headdim, d_state) in Mamba-2). Reported per layer, the mean
+over windows of max|h| and of the RMS of h, and their ratios to the values at the training length (1 at
+the training length by definition; > 1: the state grew beyond anything the training length produced). ``--out`` writes JSON with the command, machine, date,
 git revision, the model's digest and one row per layer (no machine paths).
 """
 from __future__ import annotations
@@ -82,7 +82,7 @@ def run(args, argv) -> int:
         raise ValueError(f"--train-len / --lengths {bad}: not multiples of --chunk {args.chunk}")
     if lengths[0] <= args.train_len:
         raise ValueError(f"--lengths {lengths}: each must exceed --train-len {args.train_len}")
-    model, toks, tok_path = load_inputs(args)
+    model, toks, tok_path = load_inputs(args, mamba1_only=False)   # any mixer: it reads the cache's states
     starts = window_starts(len(toks), lengths[-1], args.windows)
     points = [args.train_len, *lengths]
     per_window = [measure(model, torch.from_numpy(toks[s:s + lengths[-1]])[None].to(args.device), points, args.chunk)

@@ -118,13 +118,14 @@ def layer_rows(layers: list[dict]) -> tuple[list[dict], dict]:
 
 
 # ---------------------------------------------------------------------------- inputs
-def load_model(path: str, device: str):
+def load_model(path: str, device: str, mamba1_only: bool = True):
+    """The model in fp32, eval mode; mamba1_only refuses other mixers (this tool reads per-channel A)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--model {path}: no such folder (pass a folder holding config.json and "
                                 f"model.safetensors)")
     model = MambaLMHeadModel.from_pretrained(path, device=device, dtype=torch.float32)
-    if model.config.ssm_cfg.get("layer", "Mamba1") != "Mamba1":
-        raise ValueError(f"--model {path}: a {model.config.ssm_cfg['layer']} model; this measurement is for "
+    if mamba1_only and model.config.layer != "Mamba1":
+        raise ValueError(f"--model {path}: a {model.config.layer} model; this measurement is for "
                          f"Mamba-1 (per-channel A of shape (d_inner, d_state))")
     return model.eval()
 
@@ -231,12 +232,12 @@ def add_model_and_text(ap) -> None:
                          "else the bundled GPT-NeoX-20B")
 
 
-def load_inputs(args):
+def load_inputs(args, mamba1_only: bool = True):
     """-> (model, token ids, tokenizer path) after the --out, device, model and vocabulary checks (one-line
     errors, before any work)."""
     check_out(args.out, args.overwrite)
     checked_device(args.device)
-    model = load_model(args.model, args.device)
+    model = load_model(args.model, args.device, mamba1_only)
     toks, tok_path = text_tokens(args)
     source = f"--corpus {args.corpus} --split {args.split}" if args.corpus else f"--text {args.text}"
     check_vocab(model, toks, source)
