@@ -13,8 +13,8 @@
 #                                               Mean-Distance layer (NAME_<checkpoint>_mean_distance.json), grids 512 ... 128K and
 #                                               256K ... 1M, and the pretrained model's perplexity by length; its runs
 #                                               are named NAME_s_*, NAME_gs_*, NAME_ppl_* (a second model gets its own);
-#                                               FT_ONLY=1: fine-tunes only, to END_S (Mamba-2's Triton kernels compile
-#                                               on each new prompt shape: its fine-tunes need a call of their own)
+#                                               FT_ONLY=1: fine-tunes only, to END_S (a Mamba-2 fine-tune's first step
+#                                               took 123 s on the SSD kernels, 0.45 s the later ones: a call of its own)
 # END_S: seconds from the start at which the stage stops its runs and packs up (keep it under the call's limit).
 # Carried: artifacts/pretrained/ (the step-3,866 weights of gpu_repro.sh; or PRETRAINED=DIR, or PRETRAINED=pretrain
 # for the latest checkpoint of gpu_repro.sh's run on the same machine), .device/ (kernel sources + build script),

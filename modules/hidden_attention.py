@@ -25,6 +25,13 @@ memory besides the (c, l, l) output (or (l, l) when averaged) is O(group · (n �
 against the original notebook's O(n · l²) (reference §6, L16).
 
 Shapes: delta (e, l) after softplus · A (e, n) negative · B, C (n, l) · u (e, l).
+
+Mamba-2 (``ssd_hidden_attention``): A is one scalar per head and B, C are shared by the heads of a group,
+so a head's map is the formula above with A[n] = A_h for every n,
+
+    α_h[i, j] = (C_i · B_j) · exp(A_h · (S_i − S_j)) · Δ_j,   y_i = Σ_{j<=i} α_h[i, j] x_j + D_h x_i
+
+for each of the head's headdim channels x: the matrix the SSD paper calls L ∘ C Bᵀ, scaled by Δ_j.
 """
 from __future__ import annotations
 
@@ -53,6 +60,26 @@ def hidden_attention(delta, A, B, C, channels, block_rows: int = 32, average: bo
             else:
                 out[g0:g0 + len(group), r0:r1, :r1] = rows
     return out[0] if average else out
+
+
+def ssd_hidden_attention(delta, A, B, C, heads, block_rows: int = 32, average: bool = False) -> torch.Tensor:
+    """Mamba-2's α for the given heads: (len(heads), l, l), or their mean (l, l) if ``average``.
+    delta (h, l) after softplus · A (h,) negative · B, C (g, n, l), heads h in group h // (h_total / g)."""
+    nheads, groups = delta.shape[0], B.shape[0]
+    idx = [int(h) for h in heads]
+    if not idx or min(idx) < 0 or max(idx) >= nheads:
+        raise ValueError(f"heads must be non-empty indices in [0, {nheads}), got {idx[:8]}")
+    if nheads % groups:
+        raise ValueError(f"{nheads} heads do not split into {groups} groups")
+    per_group, n = nheads // groups, B.shape[1]
+    out = torch.zeros(len(idx), delta.shape[-1], delta.shape[-1], device=delta.device)
+    for g in range(groups):
+        pos = [k for k, h in enumerate(idx) if h // per_group == g]
+        if pos:
+            hs = [idx[k] for k in pos]
+            out[pos] = hidden_attention(delta[hs], A[hs, None].expand(len(hs), n), B[g], C[g],
+                                        range(len(hs)), block_rows)
+    return out.mean(0) if average else out
 
 
 def _row_blocks(delta, A, B, C, block_rows: int):

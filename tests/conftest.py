@@ -13,18 +13,9 @@ from modules.kernels import HAS_KERNELS  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), "shared")
 
-
-def _gpu_test(skip):
-    """A decorator that marks a test `gpu` (so `pytest -m gpu` selects it, as the device scripts do) and
-    applies `skip` (a skipif mark: the test is skipped where its hardware or kernels are missing)."""
-    def mark(test):
-        return pytest.mark.gpu(skip(test))
-    return mark
-
-
-requires_cuda = _gpu_test(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
-requires_kernels = _gpu_test(pytest.mark.skipif(not (HAS_KERNELS and torch.cuda.is_available()),
-                                                reason="needs CUDA and the mamba-ssm / causal-conv1d kernels"))
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+requires_kernels = pytest.mark.skipif(not (HAS_KERNELS and torch.cuda.is_available()),
+                                      reason="needs CUDA and the mamba-ssm / causal-conv1d kernels")
 
 
 def _ssd_kernels_importable() -> bool:
@@ -34,8 +25,19 @@ def _ssd_kernels_importable() -> bool:
     return _ssd_kernels()[2] is None
 
 
-requires_ssd_kernels = _gpu_test(pytest.mark.skipif(
-    not _ssd_kernels_importable(), reason="needs CUDA and mamba-ssm's SSD kernels (causal-conv1d optional)"))
+requires_ssd_kernels = pytest.mark.skipif(not _ssd_kernels_importable(),
+                                          reason="needs CUDA and mamba-ssm's SSD kernels (causal-conv1d optional)")
+GPU_SKIPS = (requires_cuda, requires_kernels, requires_ssd_kernels)
+
+
+@pytest.hookimpl(tryfirst=True)       # before -m selects on the marks
+def pytest_collection_modifyitems(items):
+    """A test carrying one of GPU_SKIPS (as a decorator, a module's pytestmark or a param's marks) is also
+    marked gpu, so `pytest -m gpu` (what the device scripts run) selects every test written for a GPU."""
+    reasons = {m.mark.kwargs["reason"] for m in GPU_SKIPS}
+    for item in items:
+        if any(m.kwargs.get("reason") in reasons for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.gpu)
 
 
 @pytest.fixture(autouse=True)

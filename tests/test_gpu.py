@@ -15,7 +15,7 @@ DECI = dict(activate=True, beta=0.5, L_base=1000, decimating_layers=[1, 2], min_
 # bf16 budgets LOGITS_BF16 / GRADS_BF16 and their reasons: tests/helpers.py
 
 
-needs_cuda, needs_kernels = requires_cuda, requires_kernels     # each marks the test gpu too (conftest)
+needs_cuda, needs_kernels = requires_cuda, requires_kernels     # conftest marks their tests gpu too
 
 
 def _model(d_model=256, n_layer=4, deci=None, dtype=torch.float32, device="cuda"):

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from modules.hidden_attention import default_channels, hidden_attention, log_normalized, scan_from_attention
+from modules.hidden_attention import (default_channels, hidden_attention, log_normalized, scan_from_attention,
+                                      ssd_hidden_attention)
 from modules.selective_scan import selective_scan_sequential
 
 
@@ -131,3 +132,39 @@ def test_log_normalized_scales_magnitudes_sign_ignored():
     m = log_normalized(torch.tensor([[2.0, -1.0], [0.0, 1e-9], [-4.0, 0.04]]), threshold_exp=-2)
     want = torch.tensor([[math.log10(0.5), math.log10(0.25)], [-2.0, -2.0], [0.0, -2.0]])
     torch.testing.assert_close(m, want)          # fp32 log10 of exact ratios: default fp32 tolerance
+
+
+def _ssd_recurrence(x, delta, A, B, C, D, groups):
+    """Mamba-2's scan one token at a time in float64: per head h (group g = h // (heads / groups)),
+    state H (p, n) <- exp(Δ_t A_h) H + Δ_t x_t B_tᵀ, y_t = H C_t + D_h x_t. x (h, p, l) -> y (h, p, l)."""
+    heads, p, length = x.shape
+    y = torch.zeros_like(x)
+    for h in range(heads):
+        g = h // (heads // groups)
+        state = torch.zeros(p, B.shape[1], dtype=torch.float64)
+        for t in range(length):
+            state = math.exp(float(delta[h, t] * A[h])) * state + delta[h, t] * torch.outer(x[h, :, t], B[g, :, t])
+            y[h, :, t] = state @ C[g, :, t] + D[h] * x[h, :, t]
+    return y
+
+
+@pytest.mark.parametrize("groups,heads", [(1, [0, 2, 3]), (2, [3, 0, 1])])
+def test_ssd_attention_times_input_equals_mamba2_recurrence(groups, heads):
+    """For each chosen head and each of its headdim channels, α_h x + D_h x is the per-token SSD recurrence;
+    heads in any order, in two groups that share B and C within a group."""
+    g = torch.Generator().manual_seed(5)
+    nh, p, n, length = 4, 3, 5, 40
+    delta = torch.nn.functional.softplus(torch.randn(nh, length, generator=g, dtype=torch.float64))
+    A = -torch.rand(nh, generator=g, dtype=torch.float64) * 2 - 0.1
+    B, C = (torch.randn(groups, n, length, generator=g, dtype=torch.float64) for _ in range(2))
+    x, D = torch.randn(nh, p, length, generator=g, dtype=torch.float64), torch.randn(nh, generator=g, dtype=torch.float64)
+    want = _ssd_recurrence(x, delta, A, B, C, D, groups)
+    att = ssd_hidden_attention(delta, A, B, C, heads, block_rows=16)                 # (3, l, l), several row blocks
+    assert att.shape == (3, length, length) and (att.triu(1) == 0).all()
+    for k, h in enumerate(heads):
+        got = torch.einsum("ij,pj->pi", att[k].double(), x[h]) + D[h] * x[h]
+        # fp32 attention vs the fp64 recurrence: fp32 rounding of sums over 40 terms
+        torch.testing.assert_close(got, want[h], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ssd_hidden_attention(delta, A, B, C, heads, average=True), att.mean(0))
+    with pytest.raises(ValueError, match="heads must be"):
+        ssd_hidden_attention(delta, A, B, C, [nh])

@@ -165,3 +165,42 @@ def test_a_failed_write_keeps_the_previous_out(tmp_path, corpus, capsys, monkeyp
     assert md.main(_argv(tmp_path, corpus, out, "--overwrite")) == 1
     one_line_stderr(capsys, "error:", f"no space left on device: {out}")
     assert out.read_text() == '{"committed": 1}' and os.listdir(out.parent) == ["mean_distance.json"]
+
+
+def test_mamba2_model_mean_distance_per_head(tmp_path, corpus):
+    """A Mamba-2 model: the tool maps heads, and each layer's value equals the mean distance computed here
+    from the recorded Δ, A, B, C with the map written out densely in float64 (α_h[i, j] = (C_i · B_j) ·
+    exp(A_h (S_i − S_j)) · Δ_j, one head of each group's B and C), rows of the second half."""
+    import torch
+
+    from custom_datasets.lm_corpus import split_tokens, window_starts
+
+    cfg = MambaConfig(d_model=32, n_layer=2, vocab_size=50277, pad_vocab_size_multiple=8,
+                      ssm_cfg={"layer": "Mamba2", "d_state": 8, "headdim": 16, "ngroups": 2, "chunk_size": 16})
+    model = randomize(MambaLMHeadModel(cfg), seed=4).eval()
+    model.save_pretrained(str(tmp_path / "m"))
+    out = tmp_path / "md.json"
+    assert md.main(["--model", str(tmp_path / "m"), "--corpus", str(corpus), "--tokens", "40", "--windows", "1",
+                    "--channels", "3", "--device", "cpu", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["channel_unit"] == "head" and res["channels"] == [0, 2, 3]     # 4 heads (64 / 16), 3 spread
+    toks = split_tokens(str(corpus), "validation")
+    s = window_starts(len(toks), 40, 1)[0]
+    with torch.no_grad():
+        rec = model(torch.from_numpy(toks[s:s + 40].astype("int64"))[None], num_last_tokens=1, record=True).debug_params
+    want = []
+    for layer in rec:
+        delta, A = layer["delta"][0].double(), layer["A"].double()             # (h, l), (h,)
+        B, C = layer["B"][0].double(), layer["C"][0].double()                  # (g, n, l)
+        S = torch.cumsum(delta, -1)
+        dist = (torch.arange(40.0)[:, None] - torch.arange(40.0)[None, :]).clamp_min(0).double()
+        per_head = []
+        for h in res["channels"]:
+            g = h // 2                                                          # 4 heads in 2 groups
+            gap = (S[h][:, None] - S[h][None, :]).clamp_min(0)
+            att = ((C[g].T @ B[g]) * torch.exp(A[h] * gap) * delta[h][None, :]).tril().abs()
+            p = att / att.sum(-1, keepdim=True)
+            per_head.append((p * dist).sum(-1)[20:])
+        want.append(float(torch.stack(per_head).mean()))
+    # fp32 maps in the tool against this float64 one: 1e-4 relative; the tool rounds to 0.01 (abs 0.006)
+    assert res["mean_distance"] == pytest.approx([round(w, 2) for w in want], rel=1e-4, abs=0.006)

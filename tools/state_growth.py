@@ -11,8 +11,9 @@ as tools/state_horizon.py takes them) are streamed through the model in chunks o
 the chunk that ends at the training length and at each of ``--lengths`` the state h of every layer is read
 ((b, d_inner, d_state) in Mamba-1, (b, nheads, headdim, d_state) in Mamba-2). Reported per layer, the mean
 over windows of max|h| and of the RMS of h, and their ratios to the values at the training length (1 at
-the training length by definition; > 1: the state grew beyond anything the training length produced). ``--out`` writes JSON with the command, machine, date,
-git revision, the model's digest and one row per layer (no machine paths).
+the training length by definition; > 1: the state grew beyond anything the training length produced).
+``--out`` writes JSON with the command, machine, date, git revision, the model's digest and one row per
+layer (no machine paths).
 """
 from __future__ import annotations
 
