@@ -5,7 +5,8 @@
 DeciMamba (§4) decimates at the first "global" layer, found from the hidden-attention maps. For
 each layer, windows of ``--tokens`` tokens from the corpus split run through the model with the
 SSM parameters recorded (custom_datasets/debug_params.py); for ``--channels`` evenly spaced
-channels, α = hidden_attention(Δ, A, B, C) (modules/hidden_attention.py); each row's |α| is
+channels (Mamba-2: heads, whose channels share one map), α = hidden_attention(Δ, A, B, C) (Mamba-2:
+ssd_hidden_attention; modules/hidden_attention.py); each row's |α| is
 normalised to sum 1 and its mean distance is Σ_j p_ij (i − j); the layer's value is the mean over
 channels, windows and the rows of the second half (rows with at least l/2 tokens behind them).
 Rule used here (ours; the paper reads the maps by eye): the first global layer is the first whose
@@ -33,7 +34,7 @@ from custom_datasets.debug_params import load_recorded, record_prompt_params  # 
 from custom_datasets.lm_corpus import split_tokens, window_starts  # noqa: E402
 from engine.results import code_commit, weights_digest  # noqa: E402
 from models import MambaLMHeadModel  # noqa: E402
-from modules.hidden_attention import default_channels, hidden_attention  # noqa: E402
+from modules.hidden_attention import default_channels, hidden_attention, ssd_hidden_attention  # noqa: E402
 from tools.cli import (OneLineParser, add_out, check_out, checked_device, positive_int, run_cli,  # noqa: E402
                        write_new_file)
 from tools.provenance import public_command, public_path  # noqa: E402
@@ -42,7 +43,9 @@ PATH_OPTIONS = {"--model": "<model>", "--corpus": "<corpus>", "--out": "<out>"}
 
 
 def layer_mean_distance(layer: dict, channels: list[int]) -> float:
-    att = hidden_attention(layer["delta"], layer["A"], layer["B"], layer["C"], channels).abs()   # (c, l, l)
+    """channels: Mamba-1 channels, or Mamba-2 heads (a recorded A of one value per head)."""
+    attention = ssd_hidden_attention if layer["A"].dim() == 1 else hidden_attention
+    att = attention(layer["delta"], layer["A"], layer["B"], layer["C"], channels).abs()         # (c, l, l)
     length = att.shape[-1]
     p = att / att.sum(-1, keepdim=True).clamp_min(1e-30)
     dist = torch.arange(length, dtype=torch.float32)[:, None] - torch.arange(length, dtype=torch.float32)[None, :]
@@ -58,7 +61,7 @@ def parse_args(argv):
     ap.add_argument("--split", default="validation")
     ap.add_argument("--tokens", type=positive_int, default=2048)
     ap.add_argument("--windows", type=positive_int, default=4)
-    ap.add_argument("--channels", type=positive_int, default=16)
+    ap.add_argument("--channels", type=positive_int, default=16, help="channels per layer (Mamba-2: heads)")
     ap.add_argument("--global-frac", type=float, default=0.5, help="in (0, 1]")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_out(ap)
@@ -93,7 +96,9 @@ def run(args, argv) -> int:
         raise ValueError(f"--corpus {args.corpus}: token id {int(toks.max())} but the model has {vocab} "
                          f"embeddings (tokenized with another vocabulary?)")
     starts = window_starts(len(toks), args.tokens, args.windows)
-    channels = default_channels(model.backbone.layers[0].mixer.d_inner, args.channels)
+    mamba2 = model.config.layer == "Mamba2"
+    mixer = model.backbone.layers[0].mixer
+    channels = default_channels(mixer.nheads if mamba2 else mixer.d_inner, args.channels)
     per_layer = np.zeros((args.windows, model.config.n_layer))
     with tempfile.TemporaryDirectory() as tmp:
         for w, s in enumerate(starts):
@@ -108,7 +113,8 @@ def run(args, argv) -> int:
     result = {"command": public_command("tools/mean_distance.py", argv, PATH_OPTIONS),
               "model": public_path(args.model, "<model>"), "model_digest": weights_digest(args.model),
               "machine": machine(), "commit": code_commit(), "tokens": args.tokens,
-              "windows": args.windows, "channels": channels, "global_frac": args.global_frac,
+              "windows": args.windows, "channels": channels, "channel_unit": "head" if mamba2 else "channel",
+              "global_frac": args.global_frac,
               "mean_distance": md.round(2).tolist(), "per_window": per_layer.round(2).tolist(),
               "first_global_layer": first}
     if args.out:
