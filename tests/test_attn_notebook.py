@@ -85,3 +85,20 @@ def test_notebook_without_a_recording_records_the_shipped_checkpoint(tmp_path, m
     assert all(os.path.getsize(out / f) > 5000 for f in os.listdir(out) if f.endswith(".png"))
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "6 layers, 226 tokens" in printed
+
+
+def test_eval6_and_notebook_on_a_mamba2_model(tmp_path, monkeypatch):
+    """Eval 6 records a Mamba-2 model's (h,) A and (g, n, l) B, C; the notebook draws per-head maps from them."""
+    cfg = MambaConfig(d_model=32, n_layer=2, vocab_size=50277,
+                      ssm_cfg={"layer": "Mamba2", "d_state": 8, "headdim": 16, "chunk_size": 32})
+    MambaLMHeadModel(cfg).save_pretrained(str(tmp_path / "ck"))
+    assert finetune_ssm.main(["--eval", "6", "--device", "cpu", "--set", f"load_cp={tmp_path / 'ck'}",
+                              "--set", "niah_context_lens_eval=[200]", "--set", f"output_dir={tmp_path}"]) == 0
+    (params,) = tmp_path.rglob("artifacts/params_*.safetensors")
+    layers, _ = load_recorded(str(params))
+    assert layers[0]["A"].shape == (4,) and layers[0]["delta"].shape == (4, 226)       # 4 heads (64 / 16)
+    assert layers[1]["B"].shape == (1, 8, 226) and (layers[0]["A"] < 0).all()
+    nb = _run_notebook(monkeypatch, tmp_path / "maps", DECIMAMBA_ATTN_PARAMS=str(params))
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "2 maps of shape (226, 226), heads [0, 1, 2, 3]" in printed
+    assert sorted(os.listdir(tmp_path / "maps")) == ["attn_map_layer2.png", "attn_maps_all_layers.png"]   # layer round(2 * 2 / 3) + 1

@@ -10,7 +10,7 @@ CELLS = [
 
 Mamba's selective scan is a causal linear operator: `y = α u + D u`, with
 `α[i, j] = Σ_n C_i[n] · exp(A[n] · Σ_{k=j+1..i} Δ_k) · Δ_j · B_j[n]` per channel
-(Ali et al. 2024; DeciMamba §3). Plotting `|α|` per layer shows how far back each layer can look; past
+(Ali et al. 2024; DeciMamba §3); for a Mamba-2 recording, per head (one A and one Δ per head, docs/MAMBA2.md). Plotting `|α|` per layer shows how far back each layer can look; past
 the training length, the effective receptive field stops growing (DeciMamba's Fig. 1).
 
 **Input**: a `params_*.safetensors` file written by the passkey evaluation with `record_debug_params`
@@ -27,7 +27,7 @@ PARAMS = os.environ.get("DECIMAMBA_ATTN_PARAMS")        # a params_*.safetensors
 EXAMPLE_TOKENS = int(os.environ.get("DECIMAMBA_ATTN_EXAMPLE_TOKENS", "1000"))  # the example's haystack length
 OUT_DIR = os.environ.get("DECIMAMBA_ATTN_OUT", "attn_maps")
 LAYER = int(os.environ.get("DECIMAMBA_ATTN_LAYER", "-1"))  # the layer drawn large; -1: two thirds deep (17 of 24)
-N_CHANNELS = 11                                          # channels averaged, evenly spaced over d_inner
+N_CHANNELS = 11                                          # channels (Mamba-2: heads) averaged, evenly spaced
 TH_ALL, TH_ONE = -3, -2                                  # log10 clip of figure 1 and figure 2"""),
     ("code", """import math
 import sys
@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, os.path.abspath("."))
 from custom_datasets.debug_params import load_recorded
-from modules.hidden_attention import default_channels, hidden_attention, log_normalized
+from modules.hidden_attention import default_channels, hidden_attention, log_normalized, ssd_hidden_attention
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 os.makedirs(OUT_DIR, exist_ok=True)
@@ -59,12 +59,13 @@ layers, meta = load_recorded(PARAMS)
 print(f"{PARAMS}: {len(layers)} layers, {meta['prompt_tokens']} tokens, needle at context position {meta['needle_position']}, device {device}")"""),
     ("code", """maps = []
 for i, p in enumerate(layers):
-    d_inner = p["delta"].shape[0]
-    chans = default_channels(d_inner, N_CHANNELS)
-    att = hidden_attention(p["delta"].to(device), p["A"].to(device), p["B"].to(device), p["C"].to(device),
-                           chans, average=True)
+    mamba2 = p["A"].dim() == 1                 # Mamba-2 records one A per head: its maps are per head
+    attention = ssd_hidden_attention if mamba2 else hidden_attention
+    chans = default_channels(p["delta"].shape[0], N_CHANNELS)
+    att = attention(p["delta"].to(device), p["A"].to(device), p["B"].to(device), p["C"].to(device),
+                    chans, average=True)
     maps.append(att.cpu())
-print(f"{len(maps)} maps of shape {tuple(maps[0].shape)}, channels {chans}")"""),
+print(f"{len(maps)} maps of shape {tuple(maps[0].shape)}, {'heads' if mamba2 else 'channels'} {chans}")"""),
     ("code", """cols = min(6, len(maps))
 rows = math.ceil(len(maps) / cols)
 fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
