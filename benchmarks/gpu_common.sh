@@ -7,6 +7,11 @@ triton_mode() { [ "${DECIMAMBA_SCAN:-}" = triton ]; }
 # SSD_FROM_SOURCE=1 (Mamba-2 models): mamba-ssm's SSD kernels are Triton, so its Python sources serve them with no
 # build (modules/kernels.py: they need no causal-conv1d; the conv runs in torch); Mamba-1 layers stay on torch.
 ssd_mode() { [ "${SSD_FROM_SOURCE:-}" = 1 ]; }
+# Triton's autotuner re-times every config in each new process unless told to keep its choices on disk: the Mamba-2
+# LM's first training step took 116 s in a fresh call, 21 s on resume in the next (compiled kernels cached, autotune
+# re-run: our reading), a passkey fine-tune's 123 s (repro_gutenberg_mamba2_d128/README.md). Kept here: the fine-tunes, grids and
+# evaluations that follow reuse the pretraining's choices (binaries and timings in ~/.triton, on the warm machine).
+export TRITON_CACHE_AUTOTUNING=1
 SSD_SITE=/tmp/site_ssd
 ssd_site() {  # DEVICE_DIR: mamba-ssm's Python package into $SSD_SITE beside a stand-in selective_scan_cuda that
   [ -d $SSD_SITE/mamba_ssm ] && return 0   # raises if called (nothing of Mamba-2 calls it; mamba_ssm imports it)
