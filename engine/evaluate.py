@@ -86,11 +86,12 @@ def cell_groups(task, cells):
 
 def resolved_backend(backend: str, device, mamba2: bool = False) -> str:
     """The path that runs: 'auto' is 'kernel' on CUDA with the kernels importable, else 'torch'; on CUDA
-    under DECIMAMBA_SCAN=triton the Mamba-1 scan is Triton's: 'triton_scan' ('kernel+triton_scan' beside
-    the other kernels). Mamba-2 models (mamba2): 'kernel' with mamba-ssm's SSD kernels and causal-conv1d,
+    where the Mamba-1 scan is Triton's (DECIMAMBA_SCAN=triton, or its default 'auto' without mamba-ssm's
+    kernels; modules.selective_scan.cuda_scan): 'triton_scan' ('kernel+triton_scan' beside the other
+    kernels). Mamba-2 models (mamba2): 'kernel' with mamba-ssm's SSD kernels and causal-conv1d,
     'ssd_kernel' with the SSD kernels and the conv in torch, else 'torch'."""
     from modules import kernels
-    from modules.selective_scan import scan_impl
+    from modules.selective_scan import cuda_scan
 
     if backend == "torch":
         return "torch"
@@ -100,7 +101,7 @@ def resolved_backend(backend: str, device, mamba2: bool = False) -> str:
             return "torch" if backend == "auto" else backend
         return "kernel" if kernels.has_conv_kernel() else "ssd_kernel"
     path = backend if backend != "auto" else ("kernel" if kernels.HAS_KERNELS and cuda else "torch")
-    if cuda and scan_impl() == "triton":
+    if cuda and cuda_scan(backend) == "triton":
         return "kernel+triton_scan" if path == "kernel" else "triton_scan"
     return path
 

@@ -62,8 +62,9 @@ def use_kernels(backend: str, tensor) -> bool:
     if on_cuda and not HAS_KERNELS and not _warned:
         _warned = True
         warnings.warn(
-            f"Running the pure-PyTorch scan on CUDA because the kernels are not importable "
-            f"({KERNEL_IMPORT_ERROR}). For speed: {KERNEL_INSTALL_HINT}",
+            f"mamba-ssm's kernels are not importable ({KERNEL_IMPORT_ERROR}): on CUDA the selective scan runs "
+            f"in Triton where Triton imports (DECIMAMBA_SCAN=auto; =torch for PyTorch), the conv and the rest in "
+            f"PyTorch. For full speed: {KERNEL_INSTALL_HINT}",
             stacklevel=3,
         )
     return on_cuda and HAS_KERNELS

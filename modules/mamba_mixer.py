@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from modules import kernels
 from modules.conv import causal_conv
 from modules.decimation import DecimationConfig, gather_tokens, kept_from_scores, kept_indices, token_scores
-from modules.selective_scan import scan_impl, selective_scan
+from modules.selective_scan import cuda_scan, selective_scan
 
 SCORE_BLOCK = 1 << 16   # tokens per block when scoring by ‖Δ‖ (bounds the fp32 Δ held at once)
 
@@ -86,7 +86,7 @@ class MambaMixer(nn.Module):
         decimation = decimation or DecimationConfig()
         on_kernels = kernels.use_kernels(self.backend, hidden)
         if (on_kernels and self.use_fast_path and cache is None and not record and not self.b_c_dt_rms
-                and not decimation.decimates(self.layer_idx) and scan_impl() != "triton"):   # triton: its scan
+                and not decimation.decimates(self.layer_idx) and cuda_scan(self.backend) != "triton"):   # triton: its scan
             return kernels.mamba_inner_fn(
                 self._in_proj(hidden), self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
                 self.dt_proj.weight, self.out_proj.weight, self.out_proj.bias, -torch.exp(self.A_log.float()),

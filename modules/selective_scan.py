@@ -265,17 +265,34 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 # Which scan serves CUDA calls: "mamba_ssm" (its selective_scan_fn, plus the initial-state
 # correction), "triton" (modules.triton_scan's forward; a call that needs a gradient runs the same
-# forward and modules.triton_scan_bwd's backward: no compiled mamba-ssm needed) or "torch"
-# (selective_scan_ref). The environment variable DECIMAMBA_SCAN overrides the default, read at each call.
-SCAN_IMPLS = ("mamba_ssm", "triton", "torch")
-DEFAULT_SCAN_IMPL = "mamba_ssm"
+# forward and modules.triton_scan_bwd's backward: no compiled mamba-ssm needed), "torch"
+# (selective_scan_ref), or "auto" (the default): mamba-ssm's where its kernels import, else Triton's where
+# Triton imports (one layer's scan forward + backward 8.3x faster than the torch path on the H200, results/
+# scan_bwd_h200.md), else torch. The environment variable DECIMAMBA_SCAN overrides the default, read at
+# each call.
+SCAN_IMPLS = ("auto", "mamba_ssm", "triton", "torch")
+DEFAULT_SCAN_IMPL = "auto"
 
 
 def scan_impl() -> str:
+    """The scan asked for: DECIMAMBA_SCAN, or the default (cuda_scan says which one runs)."""
     impl = os.environ.get("DECIMAMBA_SCAN", "") or DEFAULT_SCAN_IMPL
     if impl not in SCAN_IMPLS:
         raise ValueError(f"DECIMAMBA_SCAN={impl!r} is not valid; choose one of {SCAN_IMPLS}")
     return impl
+
+
+def cuda_scan(backend: str = "auto") -> str:
+    """The scan a CUDA call of a layer with this backend gets: "torch" for backend "torch"; else
+    scan_impl(), with "auto" resolved (backend "kernel" asks for mamba-ssm's kernels: never Triton's)."""
+    if backend == "torch":
+        return "torch"
+    impl = scan_impl()
+    if impl != "auto":
+        return impl
+    if kernels.HAS_KERNELS or backend == "kernel":
+        return "mamba_ssm"
+    return "triton" if _triton_scan() is not None else "torch"
 
 
 @functools.cache
@@ -314,7 +331,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     corrected exactly by ``initial_state_correction`` (linearity of the recurrence). The Triton
     scan takes the state itself and the model's strides as they are (no copies).
     """
-    impl = scan_impl() if backend != "torch" else "torch"
+    impl = cuda_scan(backend)
     if impl == "triton" and _triton_serves(u, A, B, C, (u, delta, A, B, C, D, z, delta_bias, initial_state)):
         return _triton_scan()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
     if impl == "triton" and _triton_trains(u, A, B, C):

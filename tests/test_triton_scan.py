@@ -151,7 +151,53 @@ def test_scan_impl_choice(monkeypatch):
     monkeypatch.setenv("DECIMAMBA_SCAN", "triton")
     assert ss.scan_impl() == "triton"
     monkeypatch.delenv("DECIMAMBA_SCAN")
-    assert ss.scan_impl() == ss.DEFAULT_SCAN_IMPL
+    assert ss.scan_impl() == ss.DEFAULT_SCAN_IMPL == "auto"
+
+
+@pytest.mark.parametrize("env,backend,has_kernels,has_triton,want", [
+    ("", "auto", True, True, "mamba_ssm"),       # mamba-ssm's kernels where they import
+    ("", "auto", False, True, "triton"),         # else Triton's scan
+    ("", "auto", False, False, "torch"),         # else the pure-PyTorch scan
+    ("", "torch", True, True, "torch"),          # a torch layer never leaves torch
+    ("", "kernel", False, True, "mamba_ssm"),    # backend "kernel" asks for mamba-ssm (use_kernels raises)
+    ("triton", "auto", True, True, "triton"),    # an explicit choice wins
+    ("torch", "auto", True, True, "torch"),
+    ("mamba_ssm", "auto", False, True, "mamba_ssm"),
+])
+def test_cuda_scan_resolves_auto(monkeypatch, env, backend, has_kernels, has_triton, want):
+    from modules import kernels
+    from modules import selective_scan as ss
+
+    monkeypatch.setenv("DECIMAMBA_SCAN", env)
+    monkeypatch.setattr(kernels, "HAS_KERNELS", has_kernels)
+    monkeypatch.setattr(ss, "_triton_scan", lambda: object() if has_triton else None)
+    assert ss.cuda_scan(backend) == want
+
+
+def test_auto_without_kernels_routes_cuda_calls_to_triton(monkeypatch):
+    """The dispatcher under the default: with no mamba-ssm and a call the Triton scan fits, the Triton
+    forward serves inference and selective_scan_triton a call that wants a gradient (stand-ins record which
+    ran); on CPU tensors nothing fits and the torch scan runs."""
+    from modules import kernels
+    from modules import selective_scan as ss
+
+    calls = []
+    monkeypatch.delenv("DECIMAMBA_SCAN", raising=False)
+    monkeypatch.setattr(kernels, "HAS_KERNELS", False)
+    monkeypatch.setattr(ss, "_triton_scan", lambda: lambda *a: calls.append("fwd") or "fwd")
+    monkeypatch.setattr(ss, "selective_scan_triton", lambda *a: calls.append("train") or "train")
+    inp, softplus = make_inputs(1, 8, 16, 4, torch.float32)
+    want = ss.selective_scan_ref(**inp, delta_softplus=softplus)
+    torch.testing.assert_close(ss.selective_scan(**inp, delta_softplus=softplus), want)   # CPU: the torch scan
+    assert calls == []
+    monkeypatch.setattr(ss, "_triton_fits", lambda u, A, B, C: True)                       # as on CUDA
+    with torch.no_grad():
+        assert ss.selective_scan(**inp, delta_softplus=softplus) == "fwd"
+    u = inp["u"].clone().requires_grad_()
+    assert ss.selective_scan(**dict(inp, u=u), delta_softplus=softplus) == "train"
+    monkeypatch.setenv("DECIMAMBA_SCAN", "torch")
+    torch.testing.assert_close(ss.selective_scan(**inp, delta_softplus=softplus), want)
+    assert calls == ["fwd", "train"]
 
 
 # ----------------------------------------------------------------------------------------- GPU

@@ -190,7 +190,10 @@ def test_training_step_on_triton_equals_torch_path(monkeypatch):
     ("auto", "cuda", "triton", False, "triton_scan"),
     ("auto", "cuda", "triton", True, "kernel+triton_scan"),
     ("auto", "cuda", "", True, "kernel"),
-    ("auto", "cuda", "", False, "torch"),
+    ("auto", "cuda", "", False, "triton_scan"),      # the default without mamba-ssm: Triton's scan (cuda_scan)
+    ("auto", "cuda", "auto", False, "triton_scan"),
+    ("auto", "cuda", "torch", False, "torch"),
+    ("kernel", "cuda", "", False, "kernel"),         # asked for mamba-ssm's kernels: never relabelled Triton
 ])
 def test_results_name_the_scan_that_ran(monkeypatch, backend, device, scan, kernels, want):
     # a record's "backend" must say when the Triton scan ran instead of mamba-ssm's or the torch path
