@@ -195,7 +195,8 @@ def profile_rows(impls, args, out):
 
 def train_rows(impls, args, rows, out):
     # ours_vanilla_triton_scan: DECIMAMBA_SCAN=triton and no fused mamba_inner_fn, so the scan's forward and
-    # backward run in Triton (modules/triton_scan*.py), what trains on a machine without compiled mamba-ssm
+    # backward run in Triton (modules/triton_scan*.py), what trains on a machine without compiled mamba-ssm;
+    # there ours_vanilla runs the same (DECIMAMBA_SCAN's default 'auto'), where mamba-ssm is installed its kernels
     for name in ("ours_vanilla", "ours_vanilla_triton_scan", "ours_deci", "mamba_ssm"):
         base = name.replace("_triton_scan", "")
         if base not in impls or time.time() > args.deadline:

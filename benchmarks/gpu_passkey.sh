@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The paper's passkey recipe on our pretrained LM (issue 13, items 2 and 4), in consecutive calls on one warm H200:
 #   bash benchmarks/gpu_passkey.sh ft END_S     build the kernels and, meanwhile, fine-tune the pretrained LM at 2K on
-#                                               the torch path (vanilla; DeciMamba at layer 5, the Mean-Distance
+#                                               the Triton scan, the default without them (vanilla; DeciMamba at layer 5, the Mean-Distance
 #                                               layer; DeciMamba at layer 12, the paper's), then resume on the kernels
 #   bash benchmarks/gpu_passkey.sh grids END_S  (same machine) finish those; fine-tune vanilla / DeciMamba-12 at 512
 #                                               tokens (item 4); grids 5 depths x 5 samples x 1K..128K (+ the vanilla
@@ -99,7 +99,7 @@ case $STAGE in
     wait_until $(( END - 40 )) $FTP; ft_stop; [ -n "$BUILD" ] && { pkill -P $BUILD; kill $BUILD; } 2>/dev/null; ship ;;
   grids)
     [ -f $W0/model.safetensors ] && [ -n "$(latest $RUNS/ft_vanilla)" ] || { echo "grids runs on the ft call's machine (no $RUNS/ft_vanilla checkpoint here)"; exit 1; }
-    have_kernels || echo "no kernels on this machine: the torch path runs (128K and longer will not finish)" >> "$L/commands.txt"
+    have_kernels || echo "no kernels on this machine: the Triton scan runs where Triton imports, else the torch path (128K and longer will not finish)" >> "$L/commands.txt"
     ft_all $ARMS2K $ARMS512; wait_until $(( END / 3 )) $FTP; ft_stop
     grid g_vanilla vanilla ft_vanilla 12 2000 "$LENS"; grid g_deci5 deci ft_deci5 5 2000 "$LENS"
     grid g_deci12 deci ft_deci12 12 2000 "$LENS"; grid g_vanilla_deci5 deci ft_vanilla 5 2000 "$LENS"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The reproduction on one H200 (issue 13), in consecutive 10-minute calls on the warm machine:
 #   bash benchmarks/gpu_repro.sh pretrain END_S      call 1: unpack + tokenize the carried Gutenberg parts and build
-#                                                     the kernels at once; pretrain on the torch path meanwhile, then
+#                                                     the kernels at once; pretrain meanwhile (on the Triton scan,
+#                                                     the default without mamba-ssm's kernels), then
 #                                                     on the kernels (SIGTERM -> checkpoint -> --resume) until END_S
 #   bash benchmarks/gpu_repro.sh more END_S          later calls: tokenize newly carried parts, resume pretraining
 #   then benchmarks/gpu_passkey.sh (the passkey fine-tunes and grids from the weights this script brings back)

@@ -84,14 +84,14 @@ def cell_groups(task, cells):
     return list(out.values())
 
 
-def resolved_backend(backend: str, device, mamba2: bool = False) -> str:
+def resolved_backend(backend: str, device, mamba2: bool = False, d_state: int = 16, dtype=torch.float32) -> str:
     """The path that runs: 'auto' is 'kernel' on CUDA with the kernels importable, else 'torch'; on CUDA
     where the Mamba-1 scan is Triton's (DECIMAMBA_SCAN=triton, or its default 'auto' without mamba-ssm's
     kernels; modules.selective_scan.cuda_scan): 'triton_scan' ('kernel+triton_scan' beside the other
-    kernels). Mamba-2 models (mamba2): 'kernel' with mamba-ssm's SSD kernels and causal-conv1d,
-    'ssd_kernel' with the SSD kernels and the conv in torch, else 'torch'."""
+    kernels) where it takes the model's d_state and dtype. Mamba-2 models (mamba2): 'kernel' with mamba-ssm's
+    SSD kernels and causal-conv1d, 'ssd_kernel' with the SSD kernels and the conv in torch, else 'torch'."""
     from modules import kernels
-    from modules.selective_scan import cuda_scan
+    from modules.selective_scan import cuda_scan, triton_takes
 
     if backend == "torch":
         return "torch"
@@ -101,7 +101,7 @@ def resolved_backend(backend: str, device, mamba2: bool = False) -> str:
             return "torch" if backend == "auto" else backend
         return "kernel" if kernels.has_conv_kernel() else "ssd_kernel"
     path = backend if backend != "auto" else ("kernel" if kernels.HAS_KERNELS and cuda else "torch")
-    if cuda and cuda_scan(backend) == "triton":
+    if cuda and cuda_scan(backend) == "triton" and triton_takes(d_state, dtype):
         return "kernel+triton_scan" if path == "kernel" else "triton_scan"
     return path
 
@@ -111,14 +111,20 @@ def _is_mamba2(model) -> bool:
     return getattr(cfg, "layer", None) == "Mamba2"
 
 
+def _d_state(model) -> int:
+    cfg = getattr(getattr(model, "module", model), "config", None)
+    return int((getattr(cfg, "ssm_cfg", None) or {}).get("d_state", 16))
+
+
 def eval_identity(task, model, cfg, device, checkpoint: str, step: int, weights: str | None = None) -> tuple[dict, dict]:
     """(identity, provenance) of evaluating ``model`` now. weights: the checkpoint files' digest when
     ``model`` is exactly a loaded checkpoint; None: the digest of its in-memory parameters."""
     dev = torch.device(device)
+    dtype = next(iter(model.parameters())).dtype
     identity = {"task": task.name, "task_version": task.version, "checkpoint": checkpoint,
                 "weights": weights or state_digest(model), "config_hash": schema.config_hash(cfg),
-                "backend": resolved_backend(cfg["backend"], dev, _is_mamba2(model)),
-                "dtype": str(next(iter(model.parameters())).dtype).replace("torch.", ""),
+                "backend": resolved_backend(cfg["backend"], dev, _is_mamba2(model), _d_state(model), dtype),
+                "dtype": str(dtype).replace("torch.", ""),
                 "device": dev.type, "step": step}
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     return identity, {"device_name": name, "commit": code_commit()}

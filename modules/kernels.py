@@ -61,10 +61,13 @@ def use_kernels(backend: str, tensor) -> bool:
         return True
     if on_cuda and not HAS_KERNELS and not _warned:
         _warned = True
+        from modules.selective_scan import cuda_scan, triton_available    # here: selective_scan imports this
+
+        triton = cuda_scan(backend) == "triton" and triton_available()
+        scan = "the selective scan in Triton" if triton else "the pure-PyTorch scan"
         warnings.warn(
-            f"mamba-ssm's kernels are not importable ({KERNEL_IMPORT_ERROR}): on CUDA the selective scan runs "
-            f"in Triton where Triton imports (DECIMAMBA_SCAN=auto; =torch for PyTorch), the conv and the rest in "
-            f"PyTorch. For full speed: {KERNEL_INSTALL_HINT}",
+            f"mamba-ssm's kernels are not importable ({KERNEL_IMPORT_ERROR}): on CUDA {scan} runs "
+            f"(DECIMAMBA_SCAN chooses), the conv and the rest in PyTorch. For full speed: {KERNEL_INSTALL_HINT}",
             stacklevel=3,
         )
     return on_cuda and HAS_KERNELS

@@ -267,8 +267,8 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 # correction), "triton" (modules.triton_scan's forward; a call that needs a gradient runs the same
 # forward and modules.triton_scan_bwd's backward: no compiled mamba-ssm needed), "torch"
 # (selective_scan_ref), or "auto" (the default): mamba-ssm's where its kernels import, else Triton's where
-# Triton imports (one layer's scan forward + backward 8.3x faster than the torch path on the H200, results/
-# scan_bwd_h200.md), else torch. The environment variable DECIMAMBA_SCAN overrides the default, read at
+# Triton imports (one layer's scan forward + backward 7.6-7.8x faster than the torch path on the H200 as
+# planned, 8.3x in one chunk, results/scan_bwd_h200.md), else torch. The environment variable DECIMAMBA_SCAN overrides the default, read at
 # each call.
 SCAN_IMPLS = ("auto", "mamba_ssm", "triton", "torch")
 DEFAULT_SCAN_IMPL = "auto"
@@ -283,16 +283,16 @@ def scan_impl() -> str:
 
 
 def cuda_scan(backend: str = "auto") -> str:
-    """The scan a CUDA call of a layer with this backend gets: "torch" for backend "torch"; else
-    scan_impl(), with "auto" resolved (backend "kernel" asks for mamba-ssm's kernels: never Triton's)."""
+    """The scan a CUDA call of a layer with this backend is routed to: "torch" for backend "torch"; else
+    scan_impl(), with "auto" resolved (backend "kernel" asks for mamba-ssm's kernels: never Triton's). A call
+    the routed scan cannot serve (Triton not importable, d_state > 64, CPU tensors) runs the torch scan;
+    importing Triton is left to the call (_triton_fits), so CPU calls never import it."""
     if backend == "torch":
         return "torch"
     impl = scan_impl()
     if impl != "auto":
         return impl
-    if kernels.HAS_KERNELS or backend == "kernel":
-        return "mamba_ssm"
-    return "triton" if _triton_scan() is not None else "torch"
+    return "mamba_ssm" if kernels.HAS_KERNELS or backend == "kernel" else "triton"
 
 
 @functools.cache
@@ -305,10 +305,25 @@ def _triton_scan():
     return selective_scan_fwd
 
 
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TRITON_MAX_N = 64
+
+
+def triton_available() -> bool:
+    """Triton and modules.triton_scan import (checked once)."""
+    return _triton_scan() is not None
+
+
+def triton_takes(d_state: int, dtype) -> bool:
+    """The Triton scan serves this d_state and dtype, where Triton imports (real A, per-token B and C: as
+    every Mamba-1 layer of this repository makes them). Results' labels ask it too (engine/evaluate.py)."""
+    return triton_available() and d_state <= TRITON_MAX_N and dtype in TRITON_DTYPES
+
+
 def _triton_fits(u, A, B, C) -> bool:
     """A CUDA call of a shape the Triton scan supports: fp32/bf16/fp16, real A with n <= 64, per-token B, C."""
-    return (u.is_cuda and u.dtype in (torch.float32, torch.bfloat16, torch.float16) and _triton_scan() is not None
-            and not A.is_complex() and A.shape[1] <= 64 and B.dim() >= 3 and C.dim() >= 3)
+    return (u.is_cuda and triton_takes(A.shape[1], u.dtype) and not A.is_complex()
+            and B.dim() >= 3 and C.dim() >= 3)
 
 
 def _triton_serves(u, A, B, C, tensors) -> bool:
@@ -324,7 +339,7 @@ def _triton_trains(u, A, B, C) -> bool:
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, initial_state=None, backend="auto"):
-    """Dispatcher: on CUDA, the scan chosen by ``scan_impl()`` when allowed and possible, else
+    """Dispatcher: on CUDA, the scan ``cuda_scan(backend)`` names when the call fits it, else
     ``selective_scan_ref``.
 
     The Mamba-1 kernel of mamba-ssm takes no initial state; with one, its zero-state result is

@@ -157,7 +157,7 @@ def test_scan_impl_choice(monkeypatch):
 @pytest.mark.parametrize("env,backend,has_kernels,has_triton,want", [
     ("", "auto", True, True, "mamba_ssm"),       # mamba-ssm's kernels where they import
     ("", "auto", False, True, "triton"),         # else Triton's scan
-    ("", "auto", False, False, "torch"),         # else the pure-PyTorch scan
+    ("", "auto", False, False, "triton"),        # routed to Triton: a call it cannot serve runs torch (below)
     ("", "torch", True, True, "torch"),          # a torch layer never leaves torch
     ("", "kernel", False, True, "mamba_ssm"),    # backend "kernel" asks for mamba-ssm (use_kernels raises)
     ("triton", "auto", True, True, "triton"),    # an explicit choice wins
@@ -172,6 +172,34 @@ def test_cuda_scan_resolves_auto(monkeypatch, env, backend, has_kernels, has_tri
     monkeypatch.setattr(kernels, "HAS_KERNELS", has_kernels)
     monkeypatch.setattr(ss, "_triton_scan", lambda: object() if has_triton else None)
     assert ss.cuda_scan(backend) == want
+
+
+@pytest.mark.parametrize("env,want", [("", "the selective scan in Triton"), ("torch", "the pure-PyTorch scan"),
+                                      ("mamba_ssm", "the pure-PyTorch scan")])
+def test_cuda_warning_names_the_scan_that_runs(monkeypatch, env, want):
+    import types
+
+    from modules import kernels
+
+    monkeypatch.setenv("DECIMAMBA_SCAN", env)
+    monkeypatch.setattr(kernels, "HAS_KERNELS", False)
+    monkeypatch.setattr(kernels, "_warned", False)
+    with pytest.warns(UserWarning, match=f"on CUDA {want} runs"):
+        assert kernels.use_kernels("auto", types.SimpleNamespace(is_cuda=True)) is False
+
+
+def test_cpu_calls_never_import_triton(monkeypatch):
+    from modules import kernels
+    from modules import selective_scan as ss
+
+    def boom():
+        raise AssertionError("a CPU call asked for the Triton scan")
+    monkeypatch.delenv("DECIMAMBA_SCAN", raising=False)
+    monkeypatch.setattr(kernels, "HAS_KERNELS", False)
+    monkeypatch.setattr(ss, "_triton_scan", boom)
+    inp, softplus = make_inputs(1, 8, 16, 4, torch.float32)
+    torch.testing.assert_close(ss.selective_scan(**inp, delta_softplus=softplus),
+                               ss.selective_scan_ref(**inp, delta_softplus=softplus))
 
 
 def test_auto_without_kernels_routes_cuda_calls_to_triton(monkeypatch):

@@ -205,6 +205,23 @@ def test_results_name_the_scan_that_ran(monkeypatch, backend, device, scan, kern
     assert resolved_backend(backend, device) == want
 
 
+@pytest.mark.parametrize("scan,d_state,dtype,triton,want", [
+    ("", 16, torch.float32, True, "triton_scan"),
+    ("", 128, torch.float32, True, "torch"),         # the Triton scan takes d_state <= 64: the torch scan runs
+    ("", 16, torch.float64, True, "torch"),          # nor float64
+    ("triton", 16, torch.bfloat16, False, "torch"),  # asked for, but Triton does not import
+])
+def test_labels_follow_what_the_triton_scan_takes(monkeypatch, scan, d_state, dtype, triton, want):
+    from engine.evaluate import resolved_backend
+    from modules import kernels as kmod
+    from modules import selective_scan as ss
+
+    monkeypatch.setenv("DECIMAMBA_SCAN", scan)
+    monkeypatch.setattr(kmod, "HAS_KERNELS", False)
+    monkeypatch.setattr(ss, "_triton_scan", lambda: object() if triton else None)
+    assert resolved_backend("auto", "cuda", False, d_state, dtype) == want
+
+
 @pytest.mark.parametrize("backend,device,ssd,conv,want", [
     ("auto", "cuda", True, True, "kernel"),
     ("auto", "cuda", True, False, "ssd_kernel"),      # mamba-ssm's SSD kernels, the conv in torch
