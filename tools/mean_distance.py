@@ -48,7 +48,8 @@ def layer_mean_distance(layer: dict, channels: list[int]) -> float:
     att = attention(layer["delta"], layer["A"], layer["B"], layer["C"], channels).abs()         # (c, l, l)
     length = att.shape[-1]
     p = att / att.sum(-1, keepdim=True).clamp_min(1e-30)
-    dist = torch.arange(length, dtype=torch.float32)[:, None] - torch.arange(length, dtype=torch.float32)[None, :]
+    pos = torch.arange(length, dtype=torch.float32, device=att.device)
+    dist = pos[:, None] - pos[None, :]
     md = (p * dist.clamp_min(0)).sum(-1)                                                      # (c, l)
     return float(md[:, length // 2:].mean())
 
@@ -104,7 +105,8 @@ def run(args, argv) -> int:
         for w, s in enumerate(starts):
             ids = torch.from_numpy(toks[s:s + args.tokens])[None].to(args.device)
             layers, _ = load_recorded(record_prompt_params(model, ids, tmp, f"w{w}", {}))
-            per_layer[w] = [layer_mean_distance(layer, channels) for layer in layers]
+            per_layer[w] = [layer_mean_distance({k: v.to(args.device) for k, v in layer.items()}, channels)
+                            for layer in layers]          # the maps on --device (the recording is on the CPU)
     md = per_layer.mean(0)
     first = int(np.argmax(md >= args.global_frac * md.max()))
     for i, v in enumerate(md):
