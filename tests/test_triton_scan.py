@@ -326,3 +326,24 @@ def test_dispatcher_routes_inference_to_triton(monkeypatch):
     out_g = ss.selective_scan(**dict(inp, u=u), delta_softplus=softplus)
     assert out_g.grad_fn is not None                   # through TritonScanFn (tests/test_triton_scan_bwd.py)
     torch.testing.assert_close(out_g.detach(), out, rtol=1e-3, atol=1e-3 * out.abs().max().item())
+
+
+@pytest.mark.parametrize("env,has_kernels,fused", [("triton", True, False), ("", True, True), ("mamba_ssm", True, True)])
+def test_fused_kernel_is_skipped_when_the_triton_scan_is_chosen(monkeypatch, env, has_kernels, fused):
+    """The Mamba-1 mixer's fused mamba_inner_fn (which runs mamba-ssm's own scan) is taken only when the
+    scan routed to is mamba-ssm's: under DECIMAMBA_SCAN=triton the layer runs unfused, through the dispatcher.
+    Stand-ins: use_kernels says True for the fused-path decision only, mamba_inner_fn records its call."""
+    from models import MambaConfig, MambaLMHeadModel
+    from modules import kernels
+
+    model = MambaLMHeadModel(MambaConfig(d_model=16, n_layer=1, vocab_size=64, ssm_cfg={"d_state": 4})).eval()
+    mixer = model.backbone.layers[0].mixer
+    answers, calls = iter([True]), []
+    monkeypatch.setenv("DECIMAMBA_SCAN", env)
+    monkeypatch.setattr(kernels, "HAS_KERNELS", has_kernels)
+    monkeypatch.setattr(kernels, "use_kernels", lambda backend, t: next(answers, False))
+    monkeypatch.setattr(kernels, "mamba_inner_fn", lambda *a, **k: calls.append(1) or torch.zeros(1, 8, 16))
+    with torch.no_grad():
+        out = mixer(torch.randn(1, 8, 16))[0]
+    assert calls == ([1] if fused else [])
+    assert out.shape == (1, 8, 16) and (fused or out.abs().sum() > 0)    # unfused: the layer's real output
