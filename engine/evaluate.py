@@ -106,14 +106,16 @@ def resolved_backend(backend: str, device, mamba2: bool = False, d_state: int = 
     return path
 
 
+def _config(model):
+    return getattr(getattr(model, "module", model), "config", None)        # DDP wraps the model in .module
+
+
 def _is_mamba2(model) -> bool:
-    cfg = getattr(getattr(model, "module", model), "config", None)          # DDP wraps the model in .module
-    return getattr(cfg, "layer", None) == "Mamba2"
+    return getattr(_config(model), "layer", None) == "Mamba2"
 
 
 def _d_state(model) -> int:
-    cfg = getattr(getattr(model, "module", model), "config", None)
-    return int((getattr(cfg, "ssm_cfg", None) or {}).get("d_state", 16))
+    return int((getattr(_config(model), "ssm_cfg", None) or {}).get("d_state", 16))
 
 
 def eval_identity(task, model, cfg, device, checkpoint: str, step: int, weights: str | None = None) -> tuple[dict, dict]:

@@ -82,6 +82,13 @@ def ssd_hidden_attention(delta, A, B, C, heads, block_rows: int = 32, average: b
     return out.mean(0) if average else out
 
 
+def recorded_hidden_attention(layer: dict, units, block_rows: int = 32, average: bool = False) -> torch.Tensor:
+    """α of one recorded layer (custom_datasets/debug_params.py: delta, A, B, C) for the given units: Mamba-1
+    channels, or Mamba-2 heads where the recording holds one A per head."""
+    attention = ssd_hidden_attention if layer["A"].dim() == 1 else hidden_attention
+    return attention(layer["delta"], layer["A"], layer["B"], layer["C"], units, block_rows, average)
+
+
 def _row_blocks(delta, A, B, C, block_rows: int):
     """Yield (r0, r1, α[:, r0:r1, :r1]) for the channels whose Δ (g, l) and A (g, n) are given."""
     A, B, C = A.float(), B.float(), C.float()

@@ -86,7 +86,8 @@ class MambaMixer(nn.Module):
         decimation = decimation or DecimationConfig()
         on_kernels = kernels.use_kernels(self.backend, hidden)
         if (on_kernels and self.use_fast_path and cache is None and not record and not self.b_c_dt_rms
-                and not decimation.decimates(self.layer_idx) and cuda_scan(self.backend) != "triton"):   # triton: its scan
+                and not decimation.decimates(self.layer_idx)
+                and cuda_scan(self.backend) != "triton"):        # routed to Triton: its scan, unfused
             return kernels.mamba_inner_fn(
                 self._in_proj(hidden), self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
                 self.dt_proj.weight, self.out_proj.weight, self.out_proj.bias, -torch.exp(self.A_log.float()),

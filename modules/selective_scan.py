@@ -268,8 +268,8 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 # forward and modules.triton_scan_bwd's backward: no compiled mamba-ssm needed), "torch"
 # (selective_scan_ref), or "auto" (the default): mamba-ssm's where its kernels import, else Triton's where
 # Triton imports (one layer's scan forward + backward 7.6-7.8x faster than the torch path on the H200 as
-# planned, 8.3x in one chunk, results/scan_bwd_h200.md), else torch. The environment variable DECIMAMBA_SCAN overrides the default, read at
-# each call.
+# planned, 8.3x in one chunk, results/scan_bwd_h200.md), else torch. The environment variable
+# DECIMAMBA_SCAN overrides the default, read at each call.
 SCAN_IMPLS = ("auto", "mamba_ssm", "triton", "torch")
 DEFAULT_SCAN_IMPL = "auto"
 

@@ -39,7 +39,9 @@ SCRATCH_BYTES = 1 << 31      # at most 2 GiB of saved states per launch pair: ch
 WARPS_PER_QUAD = 4           # one-warp programs per SM sub-partition wanted before the sequence is left whole: at
                              # our LM's training shape an H200 gets 16-channel programs (_block_d), whose pass 5 holds
                              # 106 registers per thread (benchmarks/results/triton_resources_sm90.md): 19 fit an SM,
-                             # 16 are asked for. A choice from the compiled code, not yet timed (scan_backward(chunk=...))
+                             # 16 are asked for. A choice from the compiled code; timed on the H200 at 2K tokens
+                             # (benchmarks/results/scan_bwd_h200.md) the 3 chunks it plans there were 0.92-0.93x
+                             # one chunk's speed: kept until shapes with fewer programs are timed
 MIN_CHUNK = 64               # tokens per chunk, at least (each chunk adds a carry step and passes 1 and 4 walk
                              # every token once more)
 

@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, os.path.abspath("."))
 from custom_datasets.debug_params import load_recorded
-from modules.hidden_attention import default_channels, hidden_attention, log_normalized, ssd_hidden_attention
+from modules.hidden_attention import default_channels, log_normalized, recorded_hidden_attention
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 os.makedirs(OUT_DIR, exist_ok=True)
@@ -60,10 +60,8 @@ print(f"{PARAMS}: {len(layers)} layers, {meta['prompt_tokens']} tokens, needle a
     ("code", """maps = []
 for i, p in enumerate(layers):
     mamba2 = p["A"].dim() == 1                 # Mamba-2 records one A per head: its maps are per head
-    attention = ssd_hidden_attention if mamba2 else hidden_attention
     chans = default_channels(p["delta"].shape[0], N_CHANNELS)
-    att = attention(p["delta"].to(device), p["A"].to(device), p["B"].to(device), p["C"].to(device),
-                    chans, average=True)
+    att = recorded_hidden_attention({k: v.to(device) for k, v in p.items()}, chans, average=True)
     maps.append(att.cpu())
 print(f"{len(maps)} maps of shape {tuple(maps[0].shape)}, {'heads' if mamba2 else 'channels'} {chans}")"""),
     ("code", """cols = min(6, len(maps))

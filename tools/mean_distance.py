@@ -5,8 +5,8 @@
 DeciMamba (§4) decimates at the first "global" layer, found from the hidden-attention maps. For
 each layer, windows of ``--tokens`` tokens from the corpus split run through the model with the
 SSM parameters recorded (custom_datasets/debug_params.py); for ``--channels`` evenly spaced
-channels (Mamba-2: heads, whose channels share one map), α = hidden_attention(Δ, A, B, C) (Mamba-2:
-ssd_hidden_attention; modules/hidden_attention.py); each row's |α| is
+channels (Mamba-2: heads, whose channels share one map), α = hidden_attention(Δ, A, B, C)
+(modules/hidden_attention.recorded_hidden_attention); each row's |α| is
 normalised to sum 1 and its mean distance is Σ_j p_ij (i − j); the layer's value is the mean over
 channels, windows and the rows of the second half (rows with at least l/2 tokens behind them).
 Rule used here (ours; the paper reads the maps by eye): the first global layer is the first whose
@@ -34,7 +34,7 @@ from custom_datasets.debug_params import load_recorded, record_prompt_params  # 
 from custom_datasets.lm_corpus import split_tokens, window_starts  # noqa: E402
 from engine.results import code_commit, weights_digest  # noqa: E402
 from models import MambaLMHeadModel  # noqa: E402
-from modules.hidden_attention import default_channels, hidden_attention, ssd_hidden_attention  # noqa: E402
+from modules.hidden_attention import default_channels, recorded_hidden_attention  # noqa: E402
 from tools.cli import (OneLineParser, add_out, check_out, checked_device, positive_int, run_cli,  # noqa: E402
                        write_new_file)
 from tools.provenance import public_command, public_path  # noqa: E402
@@ -44,8 +44,7 @@ PATH_OPTIONS = {"--model": "<model>", "--corpus": "<corpus>", "--out": "<out>"}
 
 def layer_mean_distance(layer: dict, channels: list[int]) -> float:
     """channels: Mamba-1 channels, or Mamba-2 heads (a recorded A of one value per head)."""
-    attention = ssd_hidden_attention if layer["A"].dim() == 1 else hidden_attention
-    att = attention(layer["delta"], layer["A"], layer["B"], layer["C"], channels).abs()         # (c, l, l)
+    att = recorded_hidden_attention(layer, channels).abs()                                   # (c, l, l)
     length = att.shape[-1]
     p = att / att.sum(-1, keepdim=True).clamp_min(1e-30)
     pos = torch.arange(length, dtype=torch.float32, device=att.device)
