@@ -14,7 +14,11 @@
 #                                               256K ... 1M, and the pretrained model's perplexity by length; its runs
 #                                               are named NAME_s_*, NAME_gs_*, NAME_ppl_* (a second model gets its own);
 #                                               FT_ONLY=1: fine-tunes only, to END_S (a Mamba-2 fine-tune's first step
-#                                               took 123 s on the SSD kernels, 0.45 s the later ones: a call of its own)
+#                                               took 123 s on the SSD kernels, 0.45 s the later ones: a call of its own);
+#                                               PPL_ONLY=1: the perplexity by length only; SKIP_PPL=1: no perplexity (it
+#                                               was measured on these weights before); PRETRAINED=DIR also takes a
+#                                               carried export (config.json, model.safetensors, and a mean_distance.json
+#                                               whose first_global_layer adds the Mean-Distance arm); MD_LAYER=N names it
 # END_S: seconds from the start at which the stage stops its runs and packs up (keep it under the call's limit).
 # Carried: artifacts/pretrained/ (the step-3,866 weights of gpu_repro.sh; or PRETRAINED=DIR, or PRETRAINED=pretrain
 # for the latest checkpoint of gpu_repro.sh's run on the same machine), .device/ (kernel sources + build script),
@@ -31,7 +35,8 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_
 [ -n "${DECIMAMBA_COMMIT:-}" ] || echo "warning: DECIMAMBA_COMMIT is not set: records will name the copy's stale .git" | tee -a "$L/commands.txt"
 ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl
 python3 -c 'import nltk' 2>/dev/null || { echo "no nltk on this machine: carry .whl/ with its wheel (README of this script)"; exit 1; }
-ROOT=$PWD; RUNS=/tmp/runs; W0=/tmp/pretrained; [ "$STAGE" = short ] && W0=/tmp/pretrained_short; mkdir -p $RUNS
+ROOT=$PWD; RUNS=/tmp/runs; W0=/tmp/pretrained; [ "$STAGE" = short ] && W0=/tmp/pretrained_short_$(basename "${PRETRAINED:-none}")  # one per model: two may share a call
+mkdir -p $RUNS
 
 ARMS2K="ft_vanilla:vanilla:12:2000 ft_deci5:deci:5:2000 ft_deci12:deci:12:2000"
 ARMS512="ft512_vanilla:vanilla:12:512 ft512_deci12:deci:12:512"
@@ -113,17 +118,24 @@ case $STAGE in
     wait_until $(( END - 30 )) $GP1 $GP; stop_all $GP1 $GP; ship ;;
   short)
     have_kernels || { echo "no kernels on this machine: run gpu_repro.sh here first"; exit 1; }
-    : "${PRETRAINED:?the short stage needs PRETRAINED=<a gpu_repro.sh run name on this machine>}"
-    [ -d "$RUNS/$PRETRAINED" ] || { echo "PRETRAINED=$PRETRAINED: no run $RUNS/$PRETRAINED on this machine"; exit 1; }
-    take_pretrained; N=${FT_LEN:-512}; T=$PRETRAINED; MD=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["first_global_layer"])' \
-      "$RUNS/${PRETRAINED}_$(basename "$P")_mean_distance.json" 2>/dev/null)   # gpu_repro.sh's, of the checkpoint taken
+    : "${PRETRAINED:?the short stage needs PRETRAINED=<a gpu_repro.sh run name on this machine, or a carried export>}"
+    [ -d "$RUNS/$PRETRAINED" ] || [ -f "$PRETRAINED/model.safetensors" ] ||
+      { echo "PRETRAINED=$PRETRAINED: no run $RUNS/$PRETRAINED on this machine and no model.safetensors there"; exit 1; }
+    take_pretrained; N=${FT_LEN:-512}; T=$(basename "$PRETRAINED")
+    MDF="$RUNS/${T}_$(basename "$P")_mean_distance.json"; [ -f "$MDF" ] || MDF=$P/mean_distance.json  # gpu_repro.sh's, or carried
+    MD=${MD_LAYER:-$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["first_global_layer"])' "$MDF" 2>/dev/null)}
     echo "Mean-Distance layer: ${MD:-unknown}" >> "$L/commands.txt"
+    if [ "${PPL_ONLY:-0}" = 1 ]; then   # the pretrained model's perplexity by length alone (vanilla, DeciMamba at 12)
+      ppl_by_length ${T}_ppl_vanilla; ppl_by_length ${T}_ppl_deci12 --set mamba_arch=deci --set activate_decimation=true \
+        --set 'decimating_layers=[12]' --set decimation_beta=0.5 --set decimation_max_p_L_base=$N
+      wait_until $(( END - 30 )) $GP; stop_all $GP; ship; echo "done at $(el) s"; exit 0; fi
     ARMS="${T}_s_vanilla:vanilla:12:$N ${T}_s_deci12:deci:12:$N"; [ -n "$MD" ] && [ "$MD" != 12 ] && ARMS="$ARMS ${T}_s_deci$MD:deci:$MD:$N"
     if [ "${FT_ONLY:-0}" = 1 ]; then   # the whole call for the fine-tunes (a later `short` call resumes them, then grids)
       ft_all $ARMS; wait_until $(( END - 40 )) $FTP; ft_stop; ship; echo "done at $(el) s"; exit 0; fi
     ft_all $ARMS; wait_until $(( END * 2 / 5 )) $FTP; ft_stop
-    ppl_by_length ${T}_ppl_vanilla; ppl_by_length ${T}_ppl_deci12 --set mamba_arch=deci --set activate_decimation=true \
-      --set 'decimating_layers=[12]' --set decimation_beta=0.5 --set decimation_max_p_L_base=$N
+    if [ "${SKIP_PPL:-0}" != 1 ]; then
+      ppl_by_length ${T}_ppl_vanilla; ppl_by_length ${T}_ppl_deci12 --set mamba_arch=deci --set activate_decimation=true \
+        --set 'decimating_layers=[12]' --set decimation_beta=0.5 --set decimation_max_p_L_base=$N; fi
     grid ${T}_gs_vanilla vanilla ${T}_s_vanilla 12 $N "$LENS512"; grid ${T}_gs_deci12 deci ${T}_s_deci12 12 $N "$LENS512"
     grid ${T}_gs_vanilla_deci12 deci ${T}_s_vanilla 12 $N "$LENS512"
     [ -n "$MD" ] && [ "$MD" != 12 ] && { grid ${T}_gs_deci$MD deci ${T}_s_deci$MD $MD $N "$LENS512"

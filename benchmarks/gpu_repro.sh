@@ -69,8 +69,9 @@ if ssd_mode && ! is_mamba2 "$(latest $RUN)" && [[ "${PRETRAIN_SET:-}" != *'"laye
 fi
 case $STAGE in
   pretrain)
+    tokenize & TOKP=$!                       # beside the build, or the Triton scan's GPU tests (synchronous)
     build_bg "$ROOT"/.device "$L/build.log"
-    tokenize; echo "tokenized at $(el) s" >> "$L/tokenize.log"
+    wait $TOKP; echo "tokenized at $(el) s" >> "$L/tokenize.log"
     train
     wait_until $(( END - 60 )) $BUILD
     if ! triton_mode && ! ssd_mode && have_kernels && kill -0 $TRAIN 2>/dev/null; then stop_train; train; fi
