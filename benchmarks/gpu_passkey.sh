@@ -91,6 +91,10 @@ ppl_by_length() {  # NAME ARCH_ARGS...: perplexity of $W0 on the validation book
   echo "$(el) s: finetune_ssm.py ${args[*]}" >> "$L/commands.txt"
   python3 finetune_ssm.py "${args[@]}" > "$L/$n.log" 2>&1 & GP="$GP $!"
 }
+ppl_pair() {  # the short stage's perplexity runs of $W0: vanilla, and DeciMamba zero-shot at layer 12 with L_base $N
+  ppl_by_length ${T}_ppl_vanilla; ppl_by_length ${T}_ppl_deci12 --set mamba_arch=deci --set activate_decimation=true \
+    --set 'decimating_layers=[12]' --set decimation_beta=0.5 --set decimation_max_p_L_base=$N
+}
 LENS='[1000,2000,4000,8000,16000,32000,64000,128000]'; LENS512='[512,1000,2000,4000,8000,16000,32000,64000,128000]'
 case $STAGE in
   ft)
@@ -125,17 +129,13 @@ case $STAGE in
     MDF="$RUNS/${T}_$(basename "$P")_mean_distance.json"; [ -f "$MDF" ] || MDF=$P/mean_distance.json  # gpu_repro.sh's, or carried
     MD=${MD_LAYER:-$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["first_global_layer"])' "$MDF" 2>/dev/null)}
     echo "Mean-Distance layer: ${MD:-unknown}" >> "$L/commands.txt"
-    if [ "${PPL_ONLY:-0}" = 1 ]; then   # the pretrained model's perplexity by length alone (vanilla, DeciMamba at 12)
-      ppl_by_length ${T}_ppl_vanilla; ppl_by_length ${T}_ppl_deci12 --set mamba_arch=deci --set activate_decimation=true \
-        --set 'decimating_layers=[12]' --set decimation_beta=0.5 --set decimation_max_p_L_base=$N
-      wait_until $(( END - 30 )) $GP; stop_all $GP; ship; echo "done at $(el) s"; exit 0; fi
+    if [ "${PPL_ONLY:-0}" = 1 ]; then   # the pretrained model's perplexity by length alone
+      ppl_pair; wait_until $(( END - 30 )) $GP; stop_all $GP; ship; echo "done at $(el) s"; exit 0; fi
     ARMS="${T}_s_vanilla:vanilla:12:$N ${T}_s_deci12:deci:12:$N"; [ -n "$MD" ] && [ "$MD" != 12 ] && ARMS="$ARMS ${T}_s_deci$MD:deci:$MD:$N"
     if [ "${FT_ONLY:-0}" = 1 ]; then   # the whole call for the fine-tunes (a later `short` call resumes them, then grids)
       ft_all $ARMS; wait_until $(( END - 40 )) $FTP; ft_stop; ship; echo "done at $(el) s"; exit 0; fi
     ft_all $ARMS; wait_until $(( END * 2 / 5 )) $FTP; ft_stop
-    if [ "${SKIP_PPL:-0}" != 1 ]; then
-      ppl_by_length ${T}_ppl_vanilla; ppl_by_length ${T}_ppl_deci12 --set mamba_arch=deci --set activate_decimation=true \
-        --set 'decimating_layers=[12]' --set decimation_beta=0.5 --set decimation_max_p_L_base=$N; fi
+    [ "${SKIP_PPL:-0}" = 1 ] || ppl_pair
     grid ${T}_gs_vanilla vanilla ${T}_s_vanilla 12 $N "$LENS512"; grid ${T}_gs_deci12 deci ${T}_s_deci12 12 $N "$LENS512"
     grid ${T}_gs_vanilla_deci12 deci ${T}_s_vanilla 12 $N "$LENS512"
     [ -n "$MD" ] && [ "$MD" != 12 ] && { grid ${T}_gs_deci$MD deci ${T}_s_deci$MD $MD $N "$LENS512"

@@ -217,3 +217,19 @@ def files_digest(folder) -> str:
     for name in ("config.json", "model.safetensors"):
         h.update(f"{name}:{hashlib.sha256((Path(folder) / name).read_bytes()).hexdigest()}\n".encode())
     return "files-sha256:" + h.hexdigest()[:16]
+
+
+def checkpoint_eval(tmp_path, config: str, checkpoint: str, name: str, *sets: str) -> list[dict]:
+    """finetune_ssm.py with ``config`` on ``checkpoint`` (CPU, run ``name`` under tmp_path; each of ``sets``
+    a key=value override): the run's result records."""
+    import json
+
+    import finetune_ssm
+
+    args = ["--config", config, "--device", "cpu", "--run-name", name, "--set", f"output_dir={tmp_path}",
+            "--set", f"load_cp={checkpoint}"]
+    for kv in sets:
+        args += ["--set", kv]
+    assert finetune_ssm.main(args) == 0
+    with open(tmp_path / name / "results.jsonl") as f:
+        return [json.loads(line) for line in f]

@@ -1,6 +1,7 @@
 """The shipped Mamba-2 passkey model (checkpoints/passkey_mamba2, what `make demo` runs): its xz archive
 unpacks to the recorded digest and nothing else, its weights keep A_log, D and dt_bias in fp32, and it
 retrieves passkeys through the demo config, with decimation at 32K (CPU, about 40 s)."""
+import hashlib
 import json
 import os
 import shutil
@@ -8,7 +9,7 @@ import shutil
 import pytest
 from safetensors import safe_open
 
-import finetune_ssm
+from tests.helpers import checkpoint_eval
 from tools import unpack_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +27,8 @@ def unpacked(tmp_path_factory):
 
 def test_unpacks_to_the_recorded_digest_and_keeps_fp32_parameters(unpacked):
     want = open(os.path.join(SRC, "model.safetensors.sha256")).read().split()[0]
-    assert unpack_checkpoint.sha256_of(os.path.join(unpacked, "model.safetensors")) == want
+    with open(os.path.join(unpacked, "model.safetensors"), "rb") as f:
+        assert hashlib.file_digest(f, "sha256").hexdigest() == want
     assert unpack_checkpoint.unpack(SRC, unpacked) == "present"          # a second unpack is a no-op
     cfg = json.load(open(os.path.join(unpacked, "config.json")))
     assert cfg["ssm_cfg"] == {"layer": "Mamba2", "d_state": 128, "headdim": 32} and cfg["n_layer"] == 24
@@ -53,12 +55,7 @@ def test_unpack_refuses_a_wrong_digest_and_other_weights(tmp_path, unpacked, cap
 
 
 def _eval(tmp_path, unpacked, name, *sets):
-    args = ["--config", os.path.join(ROOT, "configs", "demo_mamba2.json"), "--device", "cpu", "--run-name", name,
-            "--set", f"output_dir={tmp_path}", "--set", f"load_cp={unpacked}"]
-    for s in sets:
-        args += ["--set", s]
-    assert finetune_ssm.main(args) == 0
-    return [json.loads(x) for x in open(tmp_path / name / "results.jsonl")]
+    return checkpoint_eval(tmp_path, os.path.join(ROOT, "configs", "demo_mamba2.json"), unpacked, name, *sets)
 
 
 def test_retrieves_at_its_fine_tuning_scale_and_with_decimation_at_32k(tmp_path, unpacked):

@@ -8,7 +8,6 @@ of it is a MiB less for data. SRC holds config.json, model.safetensors.xz and mo
 digest. A DEST already holding the same digest is left alone (a no-op), and any other DEST is refused.
 Nothing here runs code from the files: xz is data, and safetensors holds only tensors.
 """
-import hashlib
 import lzma
 import os
 import shutil
@@ -18,17 +17,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from engine.results import file_digest  # noqa: E402  (a file's sha256)
 from tools.cli import OneLineParser  # noqa: E402
 
 BLOCK = 1 << 20
-
-
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(BLOCK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def recorded_digest(src: str) -> str:
@@ -51,7 +43,7 @@ def unpack(src: str, dest: str) -> str:
         raise ValueError(f"{packed}: missing (a shipped checkpoint folder holds model.safetensors.xz)")
     target = os.path.join(dest, "model.safetensors")
     if os.path.exists(target):
-        if sha256_of(target) == want:
+        if file_digest(target) == want:
             shutil.copyfile(os.path.join(src, "config.json"), os.path.join(dest, "config.json"))
             return "present"
         raise ValueError(f"{target}: exists with other weights than {packed}; remove {dest} or pick another DEST")
@@ -63,7 +55,7 @@ def unpack(src: str, dest: str) -> str:
     except lzma.LZMAError as exc:
         os.remove(part)
         raise ValueError(f"{packed}: not a readable xz file ({exc}); it is truncated or corrupt") from None
-    got = sha256_of(part)
+    got = file_digest(part)
     if got != want:
         os.remove(part)
         raise ValueError(f"{packed}: unpacks to sha256 {got[:16]}..., not the recorded {want[:16]}...; "
