@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import write_results  # noqa: E402
-from modules import kernels  # noqa: E402
+from modules import kernels, triton_scan  # noqa: E402
 from modules.triton_scan import selective_scan_fwd  # noqa: E402
 
 COLS = ["section", "impl", "tokens", "ms", "ratio_vs_mamba_ssm", "GB_per_s", "rel_err_norm", "max_err_rel_scale", "note"]
@@ -105,8 +105,11 @@ def sweep_rows(args, rows, out):
     ref = kernels.selective_scan_fn(**dict(x, delta=x["delta"].contiguous(), B=x["B"].contiguous(),
                                            C=x["C"].contiguous()), delta_softplus=True)
     settings = [dict(), dict(poly_exp=(0, 0)), dict(poly_exp=(3, 2)), dict(maxnreg=None), dict(maxnreg=168),
-                dict(programs_per_sm=8), dict(block_d=128)]       # maxnreg: pass 3 spills at 128 registers, not
+                dict(programs_per_sm=8), dict(block_d=128),       # maxnreg: pass 3 spills at 128 registers, not
                                                                   # uncapped (145; triton_resources_sm90.md, Triton 3.9)
+                dict(prefetch=(1, 0)), dict(prefetch=(1, 1)), dict(prefetch=(1, 1), maxnreg=168),
+                dict(prefetch=(1, 1), maxnreg=None),              # next tile's loads ahead, per pass (pass 3 spills)
+                dict(chunk=length)]                               # one pass, 24 programs: the per-program rate
     for kw in settings:
         if time.time() > args.deadline:
             break
@@ -127,15 +130,19 @@ def model_rows(args, rows, out):
     torch.manual_seed(0)
     model = MambaLMHeadModel(MambaConfig(d_model=768, n_layer=24, vocab_size=50277)).to("cuda", torch.bfloat16).eval()
     mixers = [m for m in model.modules() if isinstance(m, MambaMixer)]
-    variants = [("fused mamba_inner_fn (mamba-ssm)", True, "mamba_ssm"), ("unfused, mamba-ssm scan", False, "mamba_ssm"),
-                ("unfused, triton scan", False, "triton")]
+    variants = [("fused mamba_inner_fn (mamba-ssm)", True, "mamba_ssm", None),
+                ("unfused, mamba-ssm scan", False, "mamba_ssm", None),
+                ("unfused, triton scan", False, "triton", None),
+                ("unfused, triton scan, prefetch in pass 1", False, "triton", (True, False))]
+    default_prefetch = triton_scan.PREFETCH
     for length in args.model_lengths:
         ids = torch.randint(0, 50277, (1, length), device="cuda")
         base = ref = None
-        for name, fused, impl in variants:
+        for name, fused, impl, prefetch in variants:
             if time.time() > args.deadline:
                 return
             os.environ["DECIMAMBA_SCAN"] = impl
+            triton_scan.PREFETCH = default_prefetch if prefetch is None else prefetch
             for m in mixers:
                 m.use_fast_path = fused
             with torch.no_grad():
@@ -149,6 +156,7 @@ def model_rows(args, rows, out):
                              note="vs the fused row"))
             print(rows[-1], flush=True)
         write_results(out, rows, COLS, "Triton selective scan vs mamba-ssm (H200)", NOTES)
+    triton_scan.PREFETCH = default_prefetch
     for m in mixers:
         m.use_fast_path = True
     length = args.stream_length

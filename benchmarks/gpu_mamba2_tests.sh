@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_mamba2_tests.sh END_S      carried: .device/ (the two source archives)
 #   SSD_FROM_SOURCE=1 bash benchmarks/gpu_mamba2_tests.sh END_S   no build: the SSD kernels with the conv in torch
 # The build takes 380 s (measured); the tests about 300 s more: run it twice on the warm machine (the second call
-# finds the build and runs the tests alone). Back in $OUT: test_gpu_mamba2_h200.log (pytest -v, build, GPU).
+# finds the build and runs the tests alone); a full build already in /tmp/site (gpu_scan.sh profile) serves too.
+# Back in $OUT: test_gpu_mamba2_h200.log (pytest -v, build, GPU).
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"; LOG=$OUT/test_gpu_mamba2_h200.log; END=${1:-450}
 . "$(dirname "$0")/gpu_common.sh"   # el
@@ -26,6 +27,9 @@ PY
 }
 if ssd_mode; then
   echo "SSD_FROM_SOURCE=1: no causal-conv1d build; the SSD kernels with the conv in torch" | tee $LOG
+elif PYTHONPATH=/tmp/site python3 -c 'import torch, causal_conv1d_cuda, selective_scan_cuda' 2>/dev/null; then
+  SITE=/tmp/site   # both kernels, built by an earlier call (build_kernels.sh; benchmarks/gpu_scan.sh profile)
+  echo "causal-conv1d and mamba-ssm already built in $SITE (an earlier call on the warm machine)" | tee $LOG
 elif PYTHONPATH=$SITE python3 -c 'import torch, causal_conv1d_cuda' 2>/dev/null; then
   echo "causal-conv1d already built in $SITE (a later call on the warm machine)" | tee $LOG
 else

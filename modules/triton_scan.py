@@ -41,6 +41,8 @@ PROGRAMS_PER_SM = 4    # resident programs of 4 warps per SM (65536 registers / 
 POLY_EXP = (2, 1)      # states whose exp runs on the FMA units in pass 1 and pass 3 (balances the
                        # special-function units against instruction issue: 128 and 152 cycles a step
                        # per warp instead of 144 and 160, from the compiled code)
+PREFETCH = (False, False)  # pass 1, pass 3: load the next tile's Δ, u, z before this tile's steps (a register
+                       # double buffer; pass 3 then spills at MAXNREG: 142 spill instructions, 16 without): to time
 MAX_CHUNK = 8192       # at most this many tokens per chunk (more chunks: smaller waves, longer carry scan)
 MIN_CHUNK = 64
 MAX_N = 64             # d_state beyond this is refused (correct to 64, fast to 16)
@@ -104,27 +106,35 @@ def _column(tile, sel):
 
 
 @triton.jit
-def _tile(h, sum_dt, A, bias, skip, pu, pt, pb, pc, pz, po, o_u, o_t, o_z, o_o, o_b, o_c, mask_d, mask_n, rows,
+def _load_tile(pu, pt, pz, o_u, o_t, o_z, mask, LOAD_Z: tl.constexpr):
+    """The raw (U, BLOCK_D) tiles of Δ, u and (LOAD_Z) z at scalar pointer + offsets; z is u otherwise."""
+    dt = tl.load(pt + o_t, mask=mask, other=0.0)
+    u = tl.load(pu + o_u, mask=mask, other=0.0)
+    if LOAD_Z:
+        z = tl.load(pz + o_z, mask=mask, other=0.0)
+    else:
+        z = u
+    return dt, u, z
+
+
+@triton.jit
+def _tile(h, sum_dt, dt, u, z, A, bias, skip, pb, pc, po, o_o, o_b, o_c, mask, mask_n, rows,
           t_left, s_bl, s_cl, NP: tl.constexpr, POLY: tl.constexpr, BLOCK_D: tl.constexpr, U: tl.constexpr,
           MASKED: tl.constexpr,
           STATES_ONLY: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
           SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
-    """U tokens on from state h; returns (h, sum_dt + Σ Δ). Tiles (U, BLOCK_D) of Δ, u, z, out are at
-    scalar pointer + offsets (pt + o_t, ...); B_t, C_t at pb + o_b + j·s_bl. MASKED: only t_left < U
-    tokens are left, the others read as 0 (Δ = 0 keeps the state) and write nothing."""
+    """U tokens on from state h; returns (h, sum_dt + Σ Δ). dt, u, z: the raw tiles (_load_tile) under
+    mask; out's tile at po + o_o, B_t and C_t at pb + o_b + j·s_bl. MASKED: only t_left < U tokens are
+    left, the others read as 0 (Δ = 0 keeps the state) and write nothing."""
     offs_u = tl.arange(0, U)
-    if MASKED:
-        mask = (offs_u[:, None] < t_left) & mask_d[None, :]
-    else:
-        mask = tl.broadcast_to(mask_d[None, :], (U, BLOCK_D))   # constant along l: vector loads
-    dt = tl.load(pt + o_t, mask=mask, other=0.0).to(tl.float32)
+    dt = dt.to(tl.float32)
     if HAS_BIAS:
         dt += bias[None, :]
     if SOFTPLUS:
         dt = _softplus(dt, FAST)
     if MASKED:
         dt = tl.where(mask, dt, 0.0)
-    u = tl.load(pu + o_u, mask=mask, other=0.0).to(tl.float32)
+    u = u.to(tl.float32)
     du = dt * u
     if STATES_ONLY:
         sum_dt += tl.sum(dt, axis=0)
@@ -146,8 +156,7 @@ def _tile(h, sum_dt, A, bias, skip, pu, pt, pb, pc, pz, po, o_u, o_t, o_z, o_o, 
         if HAS_D:
             y += u * skip[None, :]
         if HAS_Z:
-            z = tl.load(pz + o_z, mask=mask, other=0.0).to(tl.float32)
-            y = _silu_gate(y, z, FAST)
+            y = _silu_gate(y, z.to(tl.float32), FAST)
         tl.store(po + o_o, y.to(po.dtype.element_ty), mask=mask)
     return h, sum_dt
 
@@ -173,7 +182,8 @@ def _scan_kernel(u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, h0_
                  N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr, U: tl.constexpr,
                  STATES_ONLY: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr,
-                 STORE_LAST: tl.constexpr, FAST: tl.constexpr, I64: tl.constexpr, POLY: tl.constexpr):
+                 STORE_LAST: tl.constexpr, FAST: tl.constexpr, I64: tl.constexpr, POLY: tl.constexpr,
+                 PREFETCH: tl.constexpr):
     """One program: batch pid_b, channels [pid_d·BLOCK_D, +BLOCK_D), the tokens of chunk pid_c.
 
     STATES_ONLY (pass 1): from a zero state, write the chunk's final state to st[b, c] and Σ Δ to
@@ -229,9 +239,21 @@ def _scan_kernel(u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, h0_
     o_c = offs_n * s_cn
     sum_dt = tl.zeros((BLOCK_D,), dtype=tl.float32)
     t_full = t_len - t_len % U
-    for t0 in range(0, t_full, U):                # whole tiles: masks constant along l, vector loads
-        h, sum_dt = _tile(h, sum_dt, A, bias, skip, pu, pt, pb, pc, pz, po, o_u, o_t, o_z, o_o, o_b, o_c,
-                          mask_d, mask_n, offs_n[:, None], U, s_bl, s_cl, NP, POLY, BLOCK_D, U, False,
+    LOAD_Z: tl.constexpr = HAS_Z and not STATES_ONLY
+    full = tl.broadcast_to(mask_d[None, :], (U, BLOCK_D))       # constant along l: vector loads
+    if PREFETCH:                                  # the next tile's Δ, u, z load while this one computes
+        first = (offs_u[:, None] < t_full) & mask_d[None, :]   # nothing when no whole tile
+        n_dt, n_u, n_z = _load_tile(pu, pt, pz, o_u, o_t, o_z, first, LOAD_Z)
+    for t0 in range(0, t_full, U):                # whole tiles
+        if PREFETCH:
+            dt, u, z = n_dt, n_u, n_z
+            step = tl.where(t0 + U < t_full, U, 0)  # after the last whole tile: this tile again, unused
+            n_dt, n_u, n_z = _load_tile(pu + step * s_ul, pt + step * s_tl, pz + step * s_zl, o_u, o_t, o_z,
+                                        full, LOAD_Z)
+        else:
+            dt, u, z = _load_tile(pu, pt, pz, o_u, o_t, o_z, full, LOAD_Z)
+        h, sum_dt = _tile(h, sum_dt, dt, u, z, A, bias, skip, pb, pc, po, o_o, o_b, o_c,
+                          full, mask_n, offs_n[:, None], U, s_bl, s_cl, NP, POLY, BLOCK_D, U, False,
                           STATES_ONLY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, FAST)
         pu += U * s_ul
         pt += U * s_tl
@@ -240,8 +262,10 @@ def _scan_kernel(u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, h0_
         pb += U * s_bl
         pc += U * s_cl
     if t_full < t_len:                            # the sequence's last, partial tile
-        h, sum_dt = _tile(h, sum_dt, A, bias, skip, pu, pt, pb, pc, pz, po, o_u, o_t, o_z, o_o, o_b, o_c,
-                          mask_d, mask_n, offs_n[:, None], t_len - t_full, s_bl, s_cl, NP, POLY, BLOCK_D, U, True,
+        part = (offs_u[:, None] < t_len - t_full) & mask_d[None, :]
+        dt, u, z = _load_tile(pu, pt, pz, o_u, o_t, o_z, part, LOAD_Z)
+        h, sum_dt = _tile(h, sum_dt, dt, u, z, A, bias, skip, pb, pc, po, o_o, o_b, o_c,
+                          part, mask_n, offs_n[:, None], t_len - t_full, s_bl, s_cl, NP, POLY, BLOCK_D, U, True,
                           STATES_ONLY, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, FAST)
     if STATES_ONLY:
         tl.store(st_ptr + state_off + pid_c.to(tl.int64) * DIM * N, h, mask=mask_dn)
@@ -345,7 +369,7 @@ def _needs_i64(*tensors, block: int, tile_u: int) -> bool:
 
 def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False, initial_state=None, *, block_d=None, tile_u=None, chunk=None,
-                       maxnreg=MAXNREG, programs_per_sm=None, poly_exp=POLY_EXP):
+                       maxnreg=MAXNREG, programs_per_sm=None, poly_exp=POLY_EXP, prefetch=None):
     """Forward of ``selective_scan_fn`` (mamba-ssm's signature) plus ``initial_state``; no autograd.
 
     u, delta, z: (b, d, l), any strides, fp32/bf16/fp16; A: (d, n) real, n <= 64; B, C: (b, n, l) or
@@ -354,7 +378,7 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     defaults above (benchmarks and tests): ``block_d`` channels per program (a power of two >= 16),
     ``tile_u`` tokens per tile, ``chunk`` tokens per chunk (a multiple of tile_u), ``maxnreg``
     (None: no bound), ``programs_per_sm`` (for the chunk plan), ``poly_exp`` (states per pass whose
-    exp is a polynomial).
+    exp is a polynomial), ``prefetch`` (pass 1, pass 3; None: PREFETCH).
     """
     bsz, dim, length = u.shape
     n = A.shape[1]
@@ -383,7 +407,7 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
                                      None if delta_bias is None else delta_bias[sl], delta_softplus, return_last_state,
                                      None if initial_state is None else initial_state[:, sl],
                                      block_d=block_d, tile_u=tile_u, chunk=chunk, maxnreg=maxnreg,
-                                     programs_per_sm=programs_per_sm, poly_exp=poly_exp)
+                                     programs_per_sm=programs_per_sm, poly_exp=poly_exp, prefetch=prefetch)
             out[:, sl] = res[0] if return_last_state else res
             if return_last_state:
                 last[:, sl] = res[1]
@@ -391,12 +415,13 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     if tile_u is None:          # rows of u, z and out as single vectors
         tile_u = TILE_BYTES // max(u.element_size(), 1 if z is None else z.element_size())
     _launch(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, initial_state, out, last, per_group,
-            block, tile_u, chunk, maxnreg, programs_per_sm or PROGRAMS_PER_SM, poly_exp)
+            block, tile_u, chunk, maxnreg, programs_per_sm or PROGRAMS_PER_SM, poly_exp,
+            PREFETCH if prefetch is None else prefetch)
     return (out, last) if return_last_state else out
 
 
 def _launch(u, delta, A, B4, C4, D, z, delta_bias, softplus, h0, out, last, per_group, block, tile_u, chunk, maxnreg,
-            programs_per_sm, poly_exp):
+            programs_per_sm, poly_exp, prefetch):
     bsz, dim, length = u.shape
     n = A.shape[1]
     num_warps = max(1, block // 32)
@@ -427,10 +452,11 @@ def _launch(u, delta, A, B4, C4, D, z, delta_bias, softplus, h0, out, last, per_
                  STORE_LAST=last is not None, FAST=not _interpreting(), num_warps=num_warps,
                  I64=_needs_i64(u, delta, zz, out, block=block, tile_u=tile_u))
     if n_chunks > 1:
-        _scan_kernel[(bsz, d_blocks, n_chunks - 1)](*args, STATES_ONLY=True, POLY=min(poly_exp[0], np_), **flags)
+        _scan_kernel[(bsz, d_blocks, n_chunks - 1)](*args, STATES_ONLY=True, POLY=min(poly_exp[0], np_),
+                                                    PREFETCH=bool(prefetch[0]), **flags)
         carry_block = 32
         _carry_kernel[(bsz, triton.cdiv(dim, carry_block))](
             A, h0 if h0 is not None else dummy, st, sdt, dim, n_chunks, *A.stride(), *hs, N=n, NP=np_,
             BLOCK_D=carry_block, HAS_H0=h0 is not None, num_warps=1)
     _scan_kernel[(bsz, d_blocks, n_chunks)](*args, STATES_ONLY=False, POLY=min(poly_exp[1], np_), maxnreg=maxnreg,
-                                            **flags)
+                                            PREFETCH=bool(prefetch[1]), **flags)

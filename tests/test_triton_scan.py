@@ -100,18 +100,24 @@ INTERP_CASES = [
 ]
 
 
+# run a second time with the next tile's loads issued ahead in both passes: chunked with a partial last tile,
+# and bf16 with groups in the misaligned layout
+PREFETCH_CASES = ("fp32_all_chunked", "bf16_groups_one_launch_misaligned")
+
+
 def check_interpreter(names=None):
     """Run in a process with TRITON_INTERPRET=1; prints 'ok <name>' per passing case."""
     from modules import triton_scan
 
-    for name, (b, d, l, n), dtype, groups, layout, feats, chunk, block, rel in INTERP_CASES:
+    runs = [(case, (0, 0)) for case in INTERP_CASES] + [(c, (1, 1)) for c in INTERP_CASES if c[0] in PREFETCH_CASES]
+    for (name, (b, d, l, n), dtype, groups, layout, feats, chunk, block, rel), prefetch in runs:
         if names and name not in names:
             continue
         inp, softplus = make_inputs(b, d, l, n, dtype, groups, layout, feats)
         out, last = triton_scan.selective_scan_fwd(**inp, delta_softplus=softplus, return_last_state=True,
-                                                   block_d=block, chunk=chunk)
+                                                   block_d=block, chunk=chunk, prefetch=prefetch)
         assert_matches(out, last, *oracle(inp, softplus), dtype, rel)
-        print("ok", name, flush=True)
+        print("ok", name, "prefetch" if any(prefetch) else "", flush=True)
     # 64-bit offsets inside tiles (taken for l >= 2^31 / BLOCK_D): forced on a small case
     triton_scan._needs_i64 = lambda *tensors, block, tile_u: True
     inp, softplus = make_inputs(1, 20, 21, 16, feats=FULL)
@@ -124,7 +130,7 @@ def check_interpreter(names=None):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the compiled kernels")
 def test_triton_scan_interpreter():
     out = run_in_interpreter("test_triton_scan", "check_interpreter()")
-    assert out.count("ok ") == len(INTERP_CASES) + 1, out
+    assert out.count("ok ") == len(INTERP_CASES) + len(PREFETCH_CASES) + 1, out
 
 
 def test_plan_chunk_makes_whole_waves():
@@ -247,7 +253,14 @@ def test_triton_scan_gpu(case):
     check_against_torch_scan(case, "cuda")
 
 
-def check_against_torch_scan(case, device):
+@requires_cuda
+@pytest.mark.parametrize("case", GPU_CASES[1:3], ids=[c[0] for c in GPU_CASES[1:3]])
+def test_triton_scan_gpu_prefetch(case):
+    """The next tile's loads issued ahead (a variant the benchmark times): the same results."""
+    check_against_torch_scan(case, "cuda", prefetch=(True, True))
+
+
+def check_against_torch_scan(case, device, prefetch=None):
     """One GPU_CASES entry against the torch scan (selective_scan_ref, exact in fp64) of the same
     inputs; grouped B/C one group at a time."""
     from modules.selective_scan import selective_scan_ref
@@ -255,7 +268,8 @@ def check_against_torch_scan(case, device):
 
     name, (b, d, l, n), dtype, groups, layout, feats, chunk, rel = case
     inp, softplus = make_inputs(b, d, l, n, dtype, groups, layout, feats, device=device)
-    out, last = selective_scan_fwd(**inp, delta_softplus=softplus, return_last_state=True, chunk=chunk)
+    out, last = selective_scan_fwd(**inp, delta_softplus=softplus, return_last_state=True, chunk=chunk,
+                                   prefetch=prefetch)
     x = {k: None if v is None else v.double() for k, v in inp.items()}
     outs, lasts = [], []
     for g in range(max(1, groups)):
