@@ -4,12 +4,15 @@
 #       Builds mamba-ssm and causal-conv1d into /tmp/site in the background (380-430 s) while the Triton scan's GPU
 #       tests and ncu profiles of it run (128K tokens: defaults, prefetch variants, 128 channels a program); then
 #       mamba-ssm's profile once the build is done.
+#   bash benchmarks/gpu_scan.sh final END_S     one fresh call: the build in the background while the Triton scan's GPU
+#       tests, benchmarks/mamba2_grad_precision.py (TF32, then IEEE fp32 dots) and bench_scan.py's sweep (no mamba-ssm)
+#       run; then bench_scan.py's scan, model and streamed rows against mamba-ssm.
 #   bash benchmarks/gpu_scan.sh bench END_S     the warm machine, kernels built: mamba-ssm's profile if missing,
 #       bench_scan.py (scan, sweep, model prefill against mamba-ssm, one run), then the Mamba-2 GPU tests
 #       (gpu_mamba2_tests.sh on the same build).
 # Back in $OUT: gpu_scan_MODE.tgz (log, ncu_*.txt report texts, scan_h200_r3.md/.json, the Mamba-2 test log).
 set -u
-MODE=${1:?profile or bench}; END=${2:-550}
+MODE=${1:?profile, final or bench}; END=${2:-550}
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"; W=$(mktemp -d /tmp/scan.XXXX); LOG=$W/gpu_scan_$MODE.log
 . "$(dirname "$0")/gpu_common.sh"   # el, build_bg, wait_until
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -38,6 +41,19 @@ if [ "$MODE" = profile ]; then
   [ -n "$BUILD" ] && wait_until $(( END - 60 )) $BUILD
   echo "build: $(kernels_ok && echo importable || echo 'NOT importable') at $(el) s" >> $LOG
   if kernels_ok && [ $(( END - $(el) )) -gt 50 ]; then prof mamba_ssm --impl mamba_ssm; fi
+elif [ "$MODE" = final ]; then   # one fresh call: the build, and meanwhile what needs no compiled kernel
+  build_bg .device $W/build.log; ssd_site .device
+  run_for() { local t=$1 name=$2; shift 2; timeout $t "$@" > $W/$name.log 2>&1; echo "$name rc $? at $(el) s" >> $LOG; }
+  PYTHONPATH=$PWD run_for 120 test_triton_scan_gpu python3 -m pytest -q -rs -m gpu tests/test_triton_scan.py
+  PYTHONPATH=$SSD_SITE:$PWD run_for 120 grad_tf32 python3 benchmarks/mamba2_grad_precision.py --out $W/mamba2_grad_tf32
+  PYTHONPATH=$SSD_SITE:$PWD TRITON_F32_DEFAULT=ieee TRITON_CACHE_DIR=/tmp/triton_ieee \
+    run_for 120 grad_ieee python3 benchmarks/mamba2_grad_precision.py --out $W/mamba2_grad_ieee
+  PYTHONPATH=$PWD run_for 200 sweep python3 benchmarks/bench_scan.py --skip scan model --out $W/scan_sweep_h200 \
+    --max-seconds 150
+  [ -n "$BUILD" ] && wait_until $(( END - 100 )) $BUILD
+  echo "build: $(kernels_ok && echo importable || echo 'NOT importable') at $(el) s" >> $LOG
+  T=$(( END - $(el) - 10 ))
+  kernels_ok && run_for $T bench python3 benchmarks/bench_scan.py --skip sweep --out $W/scan_h200_r3 --max-seconds $(( T - 15 ))
 else
   kernels_ok || { echo "mamba-ssm / causal-conv1d not built: run the profile mode first" >> $LOG; exit 1; }
   [ -f $W/ncu_mamba_ssm.txt ] || prof mamba_ssm --impl mamba_ssm

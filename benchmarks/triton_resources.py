@@ -10,7 +10,8 @@ registers per thread and stack bytes (spills), nvdisasm its SASS: spill instruct
 special-function instructions (MUFU: the exponentials) and the total, and from the registers the
 warps an SM holds (65,536 registers, at most 64 warps): the occupancy a launch plan can count on.
 Launches, planned as on an H200 (132 SMs: blocks and chunks as the wrappers choose there; inputs in the
-model's strides): the forward at mamba-130m's shape (bf16) and in fp32 as training calls it, the backward at
+model's strides): the forward at mamba-130m's shape (bf16; in chunks at batch 1, one chunk at batch 32) and in fp32
+as training calls it, the backward at
 our LM's training shape (no initial state, as in training) and at batch 2 with initial and last-state
 gradients, and once with 32-channel programs in one chunk, the initial-state correction.
 ``tests/test_triton_compile.py`` compiles the same launches on CPU, so a kernel that would not
@@ -170,6 +171,8 @@ def launches() -> list[tuple[str, object, tuple]]:
         ("fwd, 130m shape, model strides, bf16, 16K (H200 plan)",
          lambda: triton_scan.selective_scan_fwd(**_model_inputs(1, 1536, 16384), delta_softplus=True,
                                                 return_last_state=True)),
+        ("fwd, 130m shape, bf16, batch 32: one chunk (the rows fill an H200)",
+         lambda: triton_scan.selective_scan_fwd(**_model_inputs(32, 1536, 2048), delta_softplus=True)),
         ("fwd, training (fp32 core scan), 32 x 448 x 2048",
          lambda: triton_scan.selective_scan_fwd(torch.zeros(32, 448, 2048), torch.zeros(32, 448, 2048),
                                                 -torch.ones(448, 16), torch.zeros(32, 16, 2048),

@@ -41,8 +41,10 @@ PROGRAMS_PER_SM = 4    # resident programs of 4 warps per SM (65536 registers / 
 POLY_EXP = (2, 1)      # states whose exp runs on the FMA units in pass 1 and pass 3 (balances the
                        # special-function units against instruction issue: 128 and 152 cycles a step
                        # per warp instead of 144 and 160, from the compiled code)
-PREFETCH = (False, False)  # pass 1, pass 3: load the next tile's Δ, u, z before this tile's steps (a register
-                       # double buffer; pass 3 then spills at MAXNREG: 142 spill instructions, 16 without): to time
+PREFETCH = (True, False)   # pass 1, pass 3: load the next tile's Δ, u, z before this tile's steps (a register
+                       # double buffer). Pass 1 at 128K on the H200 (ncu): 1.73 -> 1.43 ms, long-scoreboard stalls
+                       # 3.44 -> 1.50 cycles an instruction; pass 3 would spill at MAXNREG (142 spill instructions,
+                       # 16 without) and took 1.97 -> 2.96 ms (benchmarks/results/scan_profile_h200.md)
 MAX_CHUNK = 8192       # at most this many tokens per chunk (more chunks: smaller waves, longer carry scan)
 MIN_CHUNK = 64
 MAX_N = 64             # d_state beyond this is refused (correct to 64, fast to 16)
@@ -212,8 +214,8 @@ def _scan_kernel(u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, h0_
     state_off = (pid_b * N_CHUNKS * DIM + d64[None, :]) * N + offs_n[:, None]      # st is (b, chunks, d, n)
     if STATES_ONLY:
         h = tl.zeros((NP, BLOCK_D), dtype=tl.float32)
-    elif pid_c > 0:
-        h = tl.load(st_ptr + state_off + (pid_c - 1).to(tl.int64) * DIM * N, mask=mask_dn, other=0.0)
+    elif pid_c > 0:             # st is fp32; in one chunk it is a stand-in (out: bf16 too), never read
+        h = tl.load(st_ptr + state_off + (pid_c - 1).to(tl.int64) * DIM * N, mask=mask_dn, other=0.0).to(tl.float32)
     elif HAS_H0:
         h = tl.load(h0_ptr + pid_b * s_hb + d64[None, :] * s_hd + offs_n[:, None] * s_hn, mask=mask_dn,
                     other=0.0).to(tl.float32)
