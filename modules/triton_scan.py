@@ -4,8 +4,9 @@ Same contract as mamba-ssm's ``selective_scan_fn`` forward plus an initial state
 
     h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t u_t B_t,   y_t = <C_t, h_t> + D u_t,   out_t = y_t · SiLU(z_t)
 
-Design (mamba-ssm's kernel reaches ~7% of HBM bandwidth at batch 1; this one is bound by the
-special-function units, which do the 16 exps per channel and token at 16 per cycle and SM):
+Design (mamba-ssm's kernel reaches ~7% of HBM bandwidth at batch 1; this one does the 16 exps per channel and
+token on the special-function units, 16 per cycle and SM, and at 128K on the H200 runs them at 48-61% of that
+peak, latency-bound: benchmarks/results/scan_profile_h200.md):
 - One thread owns one channel and all n <= 16 states of it: the sum over n of C_t h_t stays in
   registers and nothing is computed twice across threads. Tokens are walked sequentially inside a
   thread, U at a time: Δ, u, z and out move as (U, BLOCK_D) tiles (one 16-byte vector per row along
@@ -16,6 +17,8 @@ special-function units, which do the 16 exps per channel and token at 16 per cyc
   h_c + s_c, from the initial state; (3) each chunk again from its true initial state, with D, the
   gate and the last chunk's final state. (1) and (3) both pay the exps, so chunks are used only when
   batch × channel blocks cannot fill the GPU, in whole waves of programs.
+- Pass 1 loads the next tile's Δ, u and z while it computes this one (PREFETCH). Both passes are latency-bound
+  at ~4 warps per scheduler (Nsight Compute); pass 3 has no registers left for it.
 - A few states' exps run as a polynomial on the FMA units (POLY_EXP), which balances the
   special-function units against instruction issue; softplus' log and the gate's division use the
   GPU's approximate instructions (2 ulp).
