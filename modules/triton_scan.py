@@ -4,9 +4,10 @@ Same contract as mamba-ssm's ``selective_scan_fn`` forward plus an initial state
 
     h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t u_t B_t,   y_t = <C_t, h_t> + D u_t,   out_t = y_t · SiLU(z_t)
 
-Design (mamba-ssm's kernel reaches ~7% of HBM bandwidth at batch 1; this one does the 16 exps per channel and
-token on the special-function units, 16 per cycle and SM, and at 128K on the H200 runs them at 48-61% of that
-peak, latency-bound: benchmarks/results/scan_profile_h200.md):
+Design (mamba-ssm's kernel reaches ~7% of HBM bandwidth at batch 1; this one does most of the 16 exps per channel
+and token on the special-function units, 16 per cycle and SM, POLY_EXP the others on the FMA units. At 128K on the
+H200 that pipe (the exps, softplus' log, the gate) ran at 48-61% of its peak: latency-bound,
+benchmarks/results/scan_profile_h200.md):
 - One thread owns one channel and all n <= 16 states of it: the sum over n of C_t h_t stays in
   registers and nothing is computed twice across threads. Tokens are walked sequentially inside a
   thread, U at a time: Δ, u, z and out move as (U, BLOCK_D) tiles (one 16-byte vector per row along
@@ -36,7 +37,8 @@ from triton.language.extra import libdevice
 # Defaults: BLOCK_D measured on the H200, the others chosen from the compiled code (instruction and
 # register counts for sm_90); benchmarks/bench_scan.py and bench_scan_blocks.py measure alternatives:
 BLOCK_D = 64           # channels per program = 32 · num_warps (one channel per thread); 64, not 128: 1.47x
-                       # faster at 128K in the model's strides on the H200 (scan_h200.md sweep; scan_blocks_h200.md)
+                       # faster at 128K in the model's strides on the H200 before prefetch (scan_blocks_h200.md),
+                       # 1.10x with it (3.43 vs 3.78-3.79 ms, scan_sweep_h200.md)
 TILE_BYTES = 16        # a tile row is one 16-byte vector: 8 tokens of bf16, 4 of fp32
 MAXNREG = 128          # registers per thread of pass 3 (~150 unbounded): 4 programs per SM, not 3
 PROGRAMS_PER_SM = 4    # resident programs of 4 warps per SM (65536 registers / (128 threads · 128)); _slots
@@ -45,9 +47,10 @@ POLY_EXP = (2, 1)      # states whose exp runs on the FMA units in pass 1 and pa
                        # special-function units against instruction issue: 128 and 152 cycles a step
                        # per warp instead of 144 and 160, from the compiled code)
 PREFETCH = (True, False)   # pass 1, pass 3: load the next tile's Δ, u, z before this tile's steps (a register
-                       # double buffer). Pass 1 at 128K on the H200 (ncu): 1.73 -> 1.43 ms, long-scoreboard stalls
-                       # 3.44 -> 1.50 cycles an instruction; pass 3 would spill at MAXNREG (142 spill instructions,
-                       # 16 without) and took 1.97 -> 2.96 ms (benchmarks/results/scan_profile_h200.md)
+                       # double buffer). Pass 1 at 128K on the H200 (ncu, Triton 3.6): 1.73 -> 1.43 ms, long-scoreboard
+                       # stalls 3.44 -> 1.50 cycles an instruction. Pass 3 with it spills at MAXNREG (ncu: 45.7M local
+                       # spill requests against 16.9K; Triton 3.9's sm_90 code: 142 spill instructions against 16) and
+                       # took 1.97 -> 2.96 ms (benchmarks/results/scan_profile_h200.md)
 MAX_CHUNK = 8192       # at most this many tokens per chunk (more chunks: smaller waves, longer carry scan)
 MIN_CHUNK = 64
 MAX_N = 64             # d_state beyond this is refused (correct to 64, fast to 16)
@@ -78,8 +81,8 @@ def _silu_gate(y, z, FAST: tl.constexpr):
 
 @triton.jit
 def _exp2_poly(x):
-    """2^x for x <= 0 on the FMA units (the special-function units, 16 per cycle and SM, bound the
-    scan): 2^k · p(f) with k = round(x) (the 1.5·2^23 trick), f in [-1/2, 1/2] and p a degree-6 fit of
+    """2^x for x <= 0 on the FMA units (beside the special-function units, 16 per cycle and SM, which do
+    the other exps): 2^k · p(f) with k = round(x) (the 1.5·2^23 trick), f in [-1/2, 1/2] and p a degree-6 fit of
     2^f, relative error 1e-7 in fp32 (ex2.approx: 2 ulp); x below -125 gives 2^-125 instead of ~0."""
     x = tl.maximum(x, -125.0)
     j = x + 12582912.0
