@@ -24,27 +24,14 @@ COLS = ["model", "dot_precision", "what", "rel_err"]
 
 
 def run(deci, precision):
-    from modules import mamba2_mixer
-    from tests.helpers import fwd_bwd, rel_err
+    from tests.helpers import fwd_bwd, replayed_grad_errors
     from tests.test_gpu_mamba2 import DECI, _model
 
     torch.manual_seed(0)
     model = _model(deci=DECI if deci else None)
     ids = torch.randint(0, 1000, (1, 4096), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    o_k, _, g_k = fwd_bwd(model, ids, "kernel")
-    saved = mamba2_mixer.kept_from_scores
-    if deci:                                   # the torch run keeps the tokens the kernel run kept
-        replay = iter([keep.unsqueeze(0) for _, keep in o_k.kept_indices])
-        mamba2_mixer.kept_from_scores = lambda *args: next(replay)
-    try:
-        o_t, _, g_t = fwd_bwd(model, ids, "torch")
-    finally:
-        mamba2_mixer.kept_from_scores = saved
-    name = "deci" if deci else "vanilla"
-    rows = [dict(model=name, dot_precision=precision, what="logits", rel_err=rel_err(o_k.logits, o_t.logits))]
-    errs = sorted(((rel_err(g_k[n], g_t[n]), n) for n in g_t), reverse=True)[:5]
-    rows += [dict(model=name, dot_precision=precision, what=f"grad {n}", rel_err=e) for e, n in errs]
-    return rows
+    rows = replayed_grad_errors(model, ids, lambda m, i: fwd_bwd(m, i, "kernel"), lambda m, i: fwd_bwd(m, i, "torch"))
+    return [dict(model="deci" if deci else "vanilla", dot_precision=precision, **r) for r in rows]
 
 
 def main():

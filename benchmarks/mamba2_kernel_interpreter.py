@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tarfile
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,18 +30,12 @@ COLS = ["model", "tokens", "dots", "what", "rel_err"]
 
 
 def load_sources(sdist):
-    """mamba-ssm's Python package from its archive into a temporary folder on sys.path (with a stand-in for its
-    compiled Mamba-1 scan, which it imports and nothing here calls)."""
+    """mamba-ssm's Python package from its archive into a temporary folder on sys.path."""
+    from tests.helpers import extract_mamba_ssm
+
     if not os.path.exists(sdist):
         sys.exit(f"mamba2_kernel_interpreter.py: no mamba-ssm source archive at {sdist} (pass --sdist)")
-    top = tempfile.mkdtemp(prefix="mamba_ssm_src.")
-    with tarfile.open(sdist) as tar:
-        members = [m for m in tar.getmembers() if m.isfile() and "/mamba_ssm/" in m.name and m.name.endswith(".py")]
-        tar.extractall(top, members=members, filter="data")
-    pkg = os.path.join(top, members[0].name.split("/")[0])
-    with open(os.path.join(pkg, "selective_scan_cuda.py"), "w") as f:
-        f.write("def __getattr__(name):\n    raise RuntimeError('selective_scan_cuda: a stand-in, not built')\n")
-    sys.path.insert(0, pkg)
+    sys.path.insert(0, extract_mamba_ssm(sdist, tempfile.mkdtemp(prefix="mamba_ssm_src.")))
 
 
 def round_dots_to_tf32():
@@ -61,8 +54,7 @@ def round_dots_to_tf32():
 
 
 def run(name, tokens, l_base):
-    from modules import mamba2_mixer
-    from tests.helpers import fwd_bwd, rel_err
+    from tests.helpers import fwd_bwd, replayed_grad_errors
     from tests.test_gpu_mamba2 import _model
 
     deci = None if name == "vanilla" else dict(activate=True, beta=0.5, L_base=l_base, decimating_layers=[1, 2],
@@ -70,18 +62,7 @@ def run(name, tokens, l_base):
     torch.manual_seed(0)
     model = _model(deci=deci, device="cpu")
     ids = torch.randint(0, 1000, (1, tokens), generator=torch.Generator().manual_seed(0))
-    o_k, _, g_k = fwd_bwd(model, ids, "kernel")
-    saved = mamba2_mixer.kept_from_scores
-    if deci:
-        replay = iter([keep.unsqueeze(0) for _, keep in o_k.kept_indices])
-        mamba2_mixer.kept_from_scores = lambda *args: next(replay)
-    try:
-        o_t, _, g_t = fwd_bwd(model, ids, "torch")
-    finally:
-        mamba2_mixer.kept_from_scores = saved
-    rows = [dict(what="logits", rel_err=rel_err(o_k.logits, o_t.logits))]
-    errs = sorted(((rel_err(g_k[n], g_t[n]), n) for n in g_t), reverse=True)[:5]
-    return rows + [dict(what=f"grad {n}", rel_err=e) for e, n in errs]
+    return replayed_grad_errors(model, ids, lambda m, i: fwd_bwd(m, i, "kernel"), lambda m, i: fwd_bwd(m, i, "torch"))
 
 
 def main():
@@ -106,7 +87,8 @@ def main():
                  for r in run(name, args.tokens, args.l_base)]
         for r in rows[-6:]:
             print(r, flush=True)
-        write_results(args.out, rows, COLS, "Mamba-2: mamba-ssm's SSD kernels (Triton interpreter, CPU) vs the torch path",
+        write_results(args.out, rows, COLS,
+                      "Mamba-2: mamba-ssm's SSD kernels (Triton interpreter, CPU) vs the torch path",
                       "rel_err: relative norm error, kernel path against torch path, same model, tokens and kept "
                       "tokens. dots: the interpreter's tl.dot exact (fp32) or with TF32-rounded inputs (tf32).")
 

@@ -4,9 +4,10 @@ Triton's tl.dot does to fp32 inputs by default, against the same path in plain f
 
     python benchmarks/mamba2_tf32_emulation.py --out benchmarks/results/mamba2_tf32_emulation
 
-Models: tests/test_gpu_mamba2.py's (4 × 256, ngroups 2, 4,096 tokens), vanilla and DeciMamba; the DeciMamba run in
-TF32 replays the plain run's kept tokens, as the GPU test does. Only the SSD scan's products are rounded (the
-GPU kernels also round elsewhere in fp32 order): a model of one error source, not of the kernels.
+Models: tests/test_gpu_mamba2.py's (4 × 256, ngroups 2, 4,096 tokens), vanilla and DeciMamba; for DeciMamba the
+plain fp32 run replays the TF32 run's kept tokens, as the GPU test's torch run replays the kernel run's. Only the
+SSD scan's products are rounded (the GPU kernels also round elsewhere in fp32 order): a model of one error source,
+not of the kernels (benchmarks/mamba2_kernel_interpreter.py runs the kernels themselves).
 """
 from __future__ import annotations
 
@@ -61,27 +62,18 @@ class _TF32:
 
 
 def run(deci):
-    from modules import mamba2_mixer
-    from tests.helpers import fwd_bwd, rel_err
+    from tests.helpers import fwd_bwd, replayed_grad_errors
     from tests.test_gpu_mamba2 import DECI, _model
 
     torch.manual_seed(0)
     model = _model(deci=DECI if deci else None, device="cpu")
     ids = torch.randint(0, 1000, (1, 4096), generator=torch.Generator().manual_seed(0))
-    o_f, _, g_f = fwd_bwd(model, ids, "torch")
-    saved = mamba2_mixer.kept_from_scores
-    if deci:
-        replay = iter([keep.unsqueeze(0) for _, keep in o_f.kept_indices])
-        mamba2_mixer.kept_from_scores = lambda *args: next(replay)
-    try:
+
+    def emulated(m, i):
         with _TF32():
-            o_t, _, g_t = fwd_bwd(model, ids, "torch")
-    finally:
-        mamba2_mixer.kept_from_scores = saved
-    name = "deci" if deci else "vanilla"
-    rows = [dict(model=name, what="logits", rel_err=rel_err(o_t.logits, o_f.logits))]
-    errs = sorted(((rel_err(g_t[n], g_f[n]), n) for n in g_f), reverse=True)[:5]
-    return rows + [dict(model=name, what=f"grad {n}", rel_err=e) for e, n in errs]
+            return fwd_bwd(m, i, "torch")
+    rows = replayed_grad_errors(model, ids, emulated, lambda m, i: fwd_bwd(m, i, "torch"))
+    return [dict(model="deci" if deci else "vanilla", **r) for r in rows]
 
 
 def main():
@@ -95,8 +87,8 @@ def main():
             print(r, flush=True)
         write_results(args.out, rows, COLS, "Mamba-2 test models: gradients with TF32-rounded SSD products (CPU)",
                       "rel_err: relative norm error of the TF32-emulated run against plain fp32, same model, tokens "
-                      "and kept tokens. The GPU test's budget is 1e-2; its DeciMamba case measured 1.18-1.22e-2 on "
-                      "the H200 (kernel vs torch).")
+                      "and kept tokens (the plain run replays the TF32 run's). The GPU test's budget is 1e-2; its "
+                      "DeciMamba case measured 1.18-1.22e-2 on the H200 (kernel vs torch).")
 
 
 if __name__ == "__main__":

@@ -153,6 +153,42 @@ def fwd_bwd(model, ids, backend, resp=8, autocast=False):
     return out, loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
+def replayed_grad_errors(model, ids, run, ref, top=5) -> list[dict]:
+    """Rows {what, rel_err}: relative-norm errors of the logits and the ``top`` largest gradient errors of ``run``
+    against ``ref`` (each a callable (model, ids) -> fwd_bwd's triple). ``ref`` keeps the tokens ``run`` kept (the
+    Mamba-2 selections replayed layer by layer), so only the arithmetic differs."""
+    from modules import mamba2_mixer
+
+    out, _, grads = run(model, ids)
+    saved = mamba2_mixer.kept_from_scores
+    if out.kept_indices:
+        replay = iter([keep.unsqueeze(0) for _, keep in out.kept_indices])
+        mamba2_mixer.kept_from_scores = lambda *args: next(replay)
+    try:
+        ref_out, _, ref_grads = ref(model, ids)
+    finally:
+        mamba2_mixer.kept_from_scores = saved
+    errs = sorted(((rel_err(grads[n], ref_grads[n]), n) for n in ref_grads), reverse=True)[:top]
+    return [dict(what="logits", rel_err=rel_err(out.logits, ref_out.logits))] + \
+        [dict(what=f"grad {n}", rel_err=e) for e, n in errs]
+
+
+def extract_mamba_ssm(sdist: str, dest: str) -> str:
+    """mamba-ssm's Python package from its source archive into dest, beside a stand-in for its compiled Mamba-1
+    scan (selective_scan_cuda, which mamba_ssm imports and the SSD kernels never call); returns the folder to put
+    on the path."""
+    import os
+    import tarfile
+
+    with tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers() if m.isfile() and "/mamba_ssm/" in m.name and m.name.endswith(".py")]
+        tar.extractall(dest, members=members, filter="data")
+    top = os.path.join(dest, members[0].name.split("/")[0])
+    with open(os.path.join(top, "selective_scan_cuda.py"), "w") as f:
+        f.write("def __getattr__(name):\n    raise RuntimeError('selective_scan_cuda: a stand-in, not built')\n")
+    return top
+
+
 def over_budget(outputs: dict, ref, budget: float) -> dict:
     """{name: error} of the outputs (name -> tensor) farther than ``budget`` (relative norm error)
     from the fp32 reference ``ref``; empty when every one is within it."""

@@ -11,13 +11,12 @@ Needs mamba-ssm's source archive (../shared/device/, or DECIMAMBA_MAMBA_SSM_SDIS
 """
 import contextlib
 import os
-import tarfile
 import types
 
 import pytest
 import torch
 
-from tests.helpers import fwd_bwd, rel_err, run_in_interpreter
+from tests.helpers import extract_mamba_ssm, fwd_bwd, rel_err, run_in_interpreter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SDIST = os.environ.get("DECIMAMBA_MAMBA_SSM_SDIST") or os.path.join(ROOT, "..", "shared", "device",
@@ -105,18 +104,12 @@ def check_deci_model():
 
 @pytest.fixture
 def mamba_ssm_sources(tmp_path, monkeypatch):
-    """mamba-ssm's Python package from its source archive, beside a stand-in selective_scan_cuda (its compiled
-    Mamba-1 scan, which mamba_ssm imports and nothing here calls), on PYTHONPATH."""
+    """mamba-ssm's Python package from its source archive (tests.helpers.extract_mamba_ssm) on PYTHONPATH."""
     pytest.importorskip("triton")
     pytest.importorskip("einops")
     if not os.path.exists(SDIST):
         pytest.skip(f"needs mamba-ssm's source archive at {SDIST} (or DECIMAMBA_MAMBA_SSM_SDIST)")
-    with tarfile.open(SDIST) as tar:
-        members = [m for m in tar.getmembers() if m.isfile() and "/mamba_ssm/" in m.name and m.name.endswith(".py")]
-        tar.extractall(tmp_path, members=members, filter="data")
-    top = os.path.join(tmp_path, members[0].name.split("/")[0])
-    with open(os.path.join(top, "selective_scan_cuda.py"), "w") as f:
-        f.write("def __getattr__(name):\n    raise RuntimeError('selective_scan_cuda: a stand-in, not built')\n")
+    top = extract_mamba_ssm(SDIST, str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([top, os.environ.get("PYTHONPATH", "")]))
 
 
