@@ -1,6 +1,6 @@
 """mamba-ssm's SSD kernels against our torch path on tests/test_gpu_mamba2.py's models, on the CPU: the kernels run in
-Triton's interpreter, whose tl.dot is exact fp32, or with its fp32 dot inputs rounded to TF32 (--tf32) as the GPU's
-tl.dot does by default. It asks whether TF32 explains the GPU test's 1.18-1.22% on the DeciMamba model's gradients.
+Triton's interpreter, whose tl.dot multiplies in full fp32, or with its fp32 dot inputs rounded to TF32, to nearest
+(--tf32), as the GPU's tl.dot uses TF32 by default. It asks whether TF32 explains the GPU test's 1.18-1.22% on the DeciMamba model's gradients.
 
     python benchmarks/mamba2_kernel_interpreter.py --tokens 4096 --l-base 1000 --models deci [--tf32] --out <stem>
 
@@ -72,7 +72,8 @@ def main():
     p.add_argument("--l-base", type=int, default=1000)
     p.add_argument("--models", nargs="+", choices=["vanilla", "deci"], default=["vanilla", "deci"])
     p.add_argument("--tf32", action="store_true", help="round the dots' fp32 inputs to TF32 (the GPU's default)")
-    p.add_argument("--sdist", default=os.path.join(ROOT, "..", "shared", "device", "mamba_ssm-2.3.2.post1.tar.gz"))
+    p.add_argument("--sdist", default=os.environ.get("DECIMAMBA_MAMBA_SSM_SDIST") or
+                   os.path.join(ROOT, "..", "shared", "device", "mamba_ssm-2.3.2.post1.tar.gz"))
     args = p.parse_args()
     load_sources(args.sdist)
     sys.path.insert(0, os.path.join(ROOT, "tests"))

@@ -166,6 +166,8 @@ def replayed_grad_errors(model, ids, run, ref, top=5) -> list[dict]:
         mamba2_mixer.kept_from_scores = lambda *args: next(replay)
     try:
         ref_out, _, ref_grads = ref(model, ids)
+        if out.kept_indices:
+            assert next(replay, None) is None, "the reference run selected fewer times than the first"
     finally:
         mamba2_mixer.kept_from_scores = saved
     errs = sorted(((rel_err(grads[n], ref_grads[n]), n) for n in ref_grads), reverse=True)[:top]
