@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_scan.sh final END_S     one fresh call: the build in the background while the Triton scan's GPU
 #       tests, benchmarks/mamba2_grad_precision.py (TF32, then IEEE fp32 dots) and bench_scan.py's sweep (no mamba-ssm)
 #       run; then bench_scan.py's scan, model and streamed rows against mamba-ssm.
-#   bash benchmarks/gpu_scan.sh bench END_S     the warm machine, kernels built: mamba-ssm's profile if missing,
+#   bash benchmarks/gpu_scan.sh bench END_S     the warm machine, kernels built: mamba-ssm's profile,
 #       bench_scan.py (scan, sweep, model prefill against mamba-ssm, one run), then the Mamba-2 GPU tests
 #       (gpu_mamba2_tests.sh on the same build).
 # Back in $OUT: gpu_scan_MODE.tgz (log, ncu_*.txt report texts, scan_h200_r3.md/.json, the Mamba-2 test log).
@@ -56,7 +56,7 @@ elif [ "$MODE" = final ]; then   # one fresh call: the build, and meanwhile what
   kernels_ok && run_for $T bench python3 benchmarks/bench_scan.py --skip sweep --out $W/scan_h200_r3 --max-seconds $(( T - 15 ))
 else
   kernels_ok || { echo "mamba-ssm / causal-conv1d not built: run the profile mode first" >> $LOG; exit 1; }
-  [ -f $W/ncu_mamba_ssm.txt ] || prof mamba_ssm --impl mamba_ssm
+  prof mamba_ssm --impl mamba_ssm
   timeout 200 python3 benchmarks/bench_scan.py --out $W/scan_h200_r3 --max-seconds 150 > $W/bench_scan.log 2>&1
   echo "bench_scan rc $? at $(el) s" >> $LOG
   T=$(( END - $(el) - 10 ))
